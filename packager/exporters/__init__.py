@@ -1,0 +1,126 @@
+"""Framework exporters: one module per framework, the same small contract in each.
+
+Every module ``packager.exporters.<framework>`` defines:
+
+- ``FRAMEWORK`` (str), ``FORMATS`` (tuple of format names it writes), ``DEFAULT_FORMATS``;
+- ``owns(obj) -> bool``: whether an in-memory object is a model of this framework (by type
+  module name, without importing the framework);
+- ``claims(path) -> bool``: whether a file/folder looks like this framework's save;
+- ``framework_version() -> str``;
+- ``load_source(source, options: SourceOptions) -> LoadedModel``;
+- ``run_eager(loaded, feeds: dict[str, np.ndarray]) -> list[np.ndarray]`` (inference mode);
+- ``export_format(fmt, loaded, ctx: ExportContext, dest: Path) -> ArtifactSpec``.
+
+Modules are imported lazily through :data:`FRAMEWORKS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from packager.errors import DependencyError, UsageError
+from packager.signature import Signature
+
+#: framework name -> exporter module.
+FRAMEWORKS: dict[str, str] = {
+    "torch": "packager.exporters.pytorch",
+    "tensorflow": "packager.exporters.tensorflow",
+    "paddle": "packager.exporters.paddle",
+}
+#: pip extra per framework.
+EXTRAS = {"torch": "torch", "tensorflow": "tensorflow", "paddle": "paddle"}
+
+
+@dataclass
+class SourceOptions:
+    """How to turn a training-time save into a model."""
+
+    builder: str | None = None
+    state_key: str | None = None
+    trust: bool = False
+    signature_key: str | None = None  # e.g. a SavedModel signature
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for eager inference and export."""
+
+    model: Any
+    kind: str  # in_memory, state_dict, checkpoint, full_model, inference_model, ...
+    framework: str
+    input_names: list[str] | None = None
+    output_names: list[str] | None = None
+    #: Signature read from the source itself (inference models); dims may be partly unknown.
+    signature: Signature | None = None
+    path: str | None = None
+    builder: str | None = None
+    #: What produced the reference outputs, for the manifest ("torch eager").
+    reference: str = "eager"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExportContext:
+    """What a format exporter needs besides the model."""
+
+    signature: Signature
+    example_inputs: dict[str, np.ndarray]
+    opset: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    #: Messages to keep in the report (captured converter logs, workarounds tried).
+    log: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ArtifactSpec:
+    """What a format exporter wrote, relative to its ``dest`` folder's parent (the package)."""
+
+    path: str
+    runtimes: tuple[str, ...] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def exporter(framework: str) -> ModuleType:
+    """Import the exporter module of ``framework``."""
+    if framework not in FRAMEWORKS:
+        raise UsageError(f"framework {framework!r}", "is unknown", expected=", ".join(FRAMEWORKS), got=framework)
+    try:
+        return importlib.import_module(FRAMEWORKS[framework])
+    except ImportError as exc:
+        raise DependencyError(f"framework {framework!r}", f"cannot be imported ({exc})",
+                              fix=f"pip install 'packager[{EXTRAS[framework]}]'") from exc
+
+
+def detect_framework(source: Any) -> str:
+    """Which framework owns an in-memory model or a saved file/folder."""
+    from packager.errors import SourceError
+
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        for name in FRAMEWORKS:
+            try:
+                if exporter(name).claims(path):
+                    return name
+            except DependencyError:
+                continue
+        raise SourceError(str(path), "is not a model save packager recognises",
+                          expected=".pt/.pth/.pt2 (torch), .keras/.h5/SavedModel (tensorflow), "
+                          ".pdparams/.pdmodel/.json (paddle)", got=path.suffix or "a folder",
+                          fix="pass --framework to say which framework saved it")
+    module = type(source).__module__.split(".")[0]
+    for name in FRAMEWORKS:
+        try:
+            if exporter(name).owns(source):
+                return name
+        except DependencyError:
+            continue
+    raise SourceError(f"model object of type {type(source).__name__}", f"(from module {module!r}) is not a "
+                      "torch.nn.Module, Keras model / tf.Module or paddle.nn.Layer",
+                      fix="pass a model object of a supported framework, or framework=...")

@@ -1,0 +1,375 @@
+"""PyTorch exporter: state_dict, checkpoint, full-model and TorchScript/.pt2 sources;
+TorchScript, ONNX and torch.export formats.
+
+torch is imported inside functions only: this module is imported to ask ``claims``/``owns``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import io
+import logging
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from packager.errors import ExportError, SourceError, TrustRequiredError, UsageError
+from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions
+from runtimes._torch import flatten
+
+FRAMEWORK = "torch"
+FORMATS = ("torchscript", "onnx", "torch_export")
+DEFAULT_FORMATS = FORMATS
+DEFAULT_OPSET = 18
+SUFFIXES = (".pt", ".pth", ".pt2", ".bin", ".ckpt", ".tar")
+#: Keys under which training scripts commonly keep the weights in a checkpoint dict.
+STATE_KEYS = ("model_state_dict", "state_dict", "model_state", "model", "net", "weights", "ema_state_dict")
+
+log = logging.getLogger("packager.torch")
+
+
+def owns(obj: Any) -> bool:
+    """True for a ``torch.nn.Module`` (checked without importing torch when it is not loaded)."""
+    if "torch" not in sys.modules:
+        return False
+    import torch
+
+    return isinstance(obj, torch.nn.Module)
+
+
+def claims(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in SUFFIXES
+
+
+def framework_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
+
+
+def import_builder(spec: str) -> Any:
+    """Resolve ``module:function`` or ``path/to/file.py:function`` to a callable."""
+    if ":" not in spec:
+        raise UsageError(f"builder {spec!r}", "is not of the form module:function",
+                         expected="package.module:function or file.py:function", got=spec)
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name)
+            mod_spec = importlib.util.spec_from_file_location(file.stem, file)
+            if mod_spec is None or not file.is_file():
+                raise FileNotFoundError(module_name)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            if "" not in sys.path and "." not in sys.path:
+                sys.path.insert(0, "")  # let users name modules of the current directory
+            module = importlib.import_module(module_name)
+    except (ImportError, FileNotFoundError) as exc:
+        raise UsageError(f"builder {spec!r}", f"module {module_name!r} cannot be imported ({exc})",
+                         fix="check the module path, or run from the folder that contains it") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise UsageError(f"builder {spec!r}", f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def _build(options: SourceOptions, path: Path) -> Any:
+    import torch
+
+    if not options.builder:
+        raise UsageError(str(path), "holds weights only (a state_dict), not an architecture",
+                         fix="pass --builder module:function that returns the nn.Module")
+    model = import_builder(options.builder)()
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"builder {options.builder!r}", "did not return a torch.nn.Module",
+                         expected="torch.nn.Module", got=type(model).__name__)
+    return model
+
+
+def _is_state_dict(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _find_state(ckpt: dict, path: Path, state_key: str | None) -> tuple[dict, str]:
+    if state_key is not None:
+        node: Any = ckpt
+        for part in state_key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise SourceError(f"checkpoint {str(path)!r}", f"has no key {state_key!r}",
+                                  expected=state_key, got=sorted(map(str, ckpt)), fix="pass a --state-key it has")
+            node = node[part]
+        if not _is_state_dict(node):
+            raise SourceError(f"checkpoint key {state_key!r}", "does not hold a state_dict (name -> tensor)",
+                              got=type(node).__name__)
+        return node, state_key
+    for key in STATE_KEYS:
+        if _is_state_dict(ckpt.get(key)):
+            return ckpt[key], key
+    candidates = [k for k, v in ckpt.items() if _is_state_dict(v) and "optim" not in str(k).lower()]
+    if len(candidates) == 1:
+        return ckpt[candidates[0]], candidates[0]
+    raise SourceError(f"checkpoint {str(path)!r}", "holds no unambiguous model state_dict",
+                      expected=f"one of the keys {list(STATE_KEYS)}", got=sorted(map(str, ckpt)),
+                      fix="pass --state-key KEY naming the model weights")
+
+
+def _load_weights(model: Any, state: dict, subject: str) -> None:
+    missing, unexpected = [], []
+    try:
+        result = model.load_state_dict(state, strict=False)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    except RuntimeError as exc:  # size mismatches
+        raise SourceError(subject, f"does not fit the builder's architecture: {str(exc).splitlines()[-1].strip()}",
+                          fix="check that --builder builds the same architecture (sizes, layers) as was trained") from None
+    if missing or unexpected:
+        raise SourceError(subject, "does not fit the builder's architecture",
+                          expected=f"no missing keys (missing: {missing[:5]})",
+                          got=f"unexpected keys {unexpected[:5]}",
+                          fix="check --builder, or --state-key; a 'module.' prefix means it was saved from "
+                              "DataParallel (strip it)")
+
+
+def load_source(source: Any, options: SourceOptions) -> LoadedModel:
+    """Turn an nn.Module or a torch save into an eval-mode module."""
+    import torch
+
+    if isinstance(source, torch.nn.Module):
+        return _loaded(source, "in_memory", None, None)
+    path = Path(source)
+    if not path.is_file():
+        raise SourceError(str(path), "does not exist", fix="check the path")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        # TorchScript archives carry their code (ARCHIVE/code/...); plain torch.save zips do not.
+        if any(n.split("/", 1)[-1].startswith("code/") for n in names):
+            module = torch.jit.load(str(path), map_location="cpu")
+            return _loaded(module, "torchscript", str(path), None)
+        if path.suffix == ".pt2" or any("serialized_exported_program" in n for n in names):
+            try:
+                program = torch.export.load(str(path))
+            except Exception as exc:
+                raise SourceError(str(path), f"cannot be loaded as a torch.export program ({exc})") from None
+            return _loaded(program.module(), "torch_export", str(path), None)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if not _needs_pickle(exc):
+            raise SourceError(str(path), f"cannot be read by torch.load ({str(exc).splitlines()[0]})",
+                              fix="check that the file is a torch save and not truncated") from None
+        if not options.trust:
+            raise TrustRequiredError(
+                str(path), "contains pickled Python objects (a full model saved with torch.save(model)); "
+                "loading it runs code from the file",
+                fix="pass --trust if you trust its origin (the model's classes must be importable), or save "
+                    "model.state_dict() instead and pass --builder") from None
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except (AttributeError, ModuleNotFoundError) as exc2:
+            raise SourceError(str(path), f"is a pickled model whose class cannot be imported ({exc2})",
+                              fix="make the model's module importable (PYTHONPATH), or use a state_dict + "
+                                  "--builder") from None
+        if isinstance(obj, torch.nn.Module):
+            return _loaded(obj, "full_model", str(path), None)
+    if isinstance(obj, torch.nn.Module):
+        return _loaded(obj, "full_model", str(path), None)
+    if _is_state_dict(obj):
+        model = _build(options, path)
+        _load_weights(model, obj, f"state_dict {str(path)!r}")
+        return _loaded(model, "state_dict", str(path), options.builder)
+    if isinstance(obj, dict):
+        state, key = _find_state(obj, path, options.state_key)
+        model = _build(options, path)
+        _load_weights(model, state, f"checkpoint {str(path)!r} key {key!r}")
+        loaded = _loaded(model, "checkpoint", str(path), options.builder)
+        loaded.extra["state_key"] = key
+        loaded.extra["epoch"] = obj.get("epoch") if isinstance(obj.get("epoch"), (int, float)) else None
+        return loaded
+    raise SourceError(str(path), "holds neither a model, a state_dict nor a checkpoint dict",
+                      got=type(obj).__name__)
+
+
+def _needs_pickle(exc: Exception) -> bool:
+    text = str(exc)
+    return "weights_only" in text or "Unsupported global" in text or "UnpicklingError" in type(exc).__name__
+
+
+def _loaded(model: Any, kind: str, path: str | None, builder: str | None) -> LoadedModel:
+    model.eval()  # Dropout off, BatchNorm uses running statistics
+    names = None
+    forward = getattr(model, "forward", None)
+    try:
+        params = [p for p in inspect.signature(forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = [p.name for p in params] or None
+    except (TypeError, ValueError):
+        pass
+    if names and (names[0] in ("args", "input") and len(names) == 1):
+        names = None
+    return LoadedModel(model=model, kind=kind, framework=FRAMEWORK, input_names=names, path=path, builder=builder,
+                       reference="torch eager (eval, no_grad)")
+
+
+def _tensors(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> tuple[Any, ...]:
+    import torch
+
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in feeds.values())
+
+
+def run_eager(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run the module in eval mode under no_grad; outputs flattened in order."""
+    import torch
+
+    loaded.model.eval()
+    with torch.no_grad():
+        output = loaded.model(*_tensors(loaded, feeds))
+    if isinstance(output, dict) and loaded.output_names is None:
+        loaded.output_names = [str(k) for k in output]
+    return [t.detach().cpu().numpy() for t in flatten(output)]
+
+
+def export_format(fmt: str, loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
+    """Write ``fmt`` into ``dest`` (the package's ``<fmt>/`` folder)."""
+    writers = {"torchscript": _torchscript, "onnx": _onnx, "torch_export": _torch_export}
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer/exporter warnings go to the log, not the console
+        return writers[fmt](loaded, ctx, dest)
+
+
+def _torchscript(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
+    import torch
+
+    mode = ctx.options.get("torchscript_mode", "trace")
+    if mode not in ("trace", "script"):
+        raise UsageError("torchscript mode", "is unknown", expected="trace or script", got=mode)
+    if loaded.kind == "torchscript":
+        module = loaded.model
+    elif mode == "script":
+        try:
+            module = torch.jit.script(loaded.model)
+        except Exception as exc:
+            raise ExportError("format torchscript", f"torch.jit.script failed: {str(exc).splitlines()[0]}",
+                              fix="use the default trace mode, or make the model scriptable") from None
+    else:
+        module = torch.jit.trace(loaded.model, _tensors(loaded, ctx.example_inputs), check_trace=False, strict=False)
+    module = torch.jit.freeze(module.eval()) if ctx.options.get("torchscript_freeze") else module
+    target = dest / "model.pt"
+    torch.jit.save(module, str(target))
+    return ArtifactSpec(path=f"{dest.name}/model.pt", options={"mode": mode if loaded.kind != "torchscript" else "as-is"})
+
+
+def _dynamic_shapes(ctx: ExportContext) -> dict[str, dict[int, Any]]:
+    import torch
+
+    dims: dict[str, Any] = {}
+    shapes: dict[str, dict[int, Any]] = {}
+    for spec in ctx.signature.inputs:
+        axes = {}
+        for axis, name in spec.dynamic_axes.items():
+            if name not in dims:
+                info = ctx.signature.dim(name)
+                # min 1 would let torch.export specialise on 0/1; Dim.DYNAMIC lets it decide.
+                dims[name] = torch.export.Dim.DYNAMIC if info.max is None else torch.export.Dim(
+                    name, min=max(info.min, 1), max=info.max)
+            axes[axis] = dims[name]
+        shapes[spec.name] = axes
+    return shapes
+
+
+def _positional_shapes(loaded: LoadedModel, ctx: ExportContext) -> tuple[dict[int, Any], ...]:
+    shapes = _dynamic_shapes(ctx)
+    return tuple(shapes[s.name] or None for s in ctx.signature.inputs)
+
+
+def _onnx(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
+    import onnx
+    import torch
+
+    # torch.onnx logs through its own handlers (e.g. "torchvision is not installed"): keep it quiet.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    opset = ctx.opset or DEFAULT_OPSET
+    target = dest / "model.onnx"
+    args = _tensors(loaded, ctx.example_inputs)
+    input_names = ctx.signature.input_names
+    output_names = ctx.signature.output_names
+    errors = []
+    exporter_used = None
+    for dynamo in (True, False):  # the TorchScript-based exporter is the known fallback
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+                if dynamo:
+                    torch.onnx.export(loaded.model, args, str(target), input_names=input_names,
+                                      output_names=output_names, opset_version=opset, dynamo=True,
+                                      dynamic_shapes=_positional_shapes(loaded, ctx), external_data=False,
+                                      optimize=True, verbose=False)
+                else:
+                    axes = {s.name: {a: n for a, n in s.dynamic_axes.items()}
+                            for s in [*ctx.signature.inputs, *ctx.signature.outputs] if s.dynamic_axes}
+                    torch.onnx.export(loaded.model, args, str(target), input_names=input_names,
+                                      output_names=output_names, opset_version=opset, dynamo=False,
+                                      dynamic_axes=axes, do_constant_folding=True)
+            exporter_used = "dynamo" if dynamo else "torchscript"
+            break
+        except Exception as exc:
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}")
+            ctx.log.append(buf.getvalue()[-4000:])
+            target.unlink(missing_ok=True)
+    if exporter_used is None:
+        raise ExportError("format onnx", "both torch ONNX exporters failed: " + " | ".join(errors),
+                          fix="try another --opset, or export torchscript/torch_export only", details="\n".join(ctx.log))
+    for extra in dest.iterdir():  # the dynamo exporter may leave a .data file next to small models
+        if extra.name != "model.onnx":
+            extra.unlink()
+    model = onnx.load(str(target))
+    _rename_onnx_dims(model, ctx)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(target))
+    if errors:
+        ctx.log.append("onnx: " + "; ".join(errors) + f"; used the {exporter_used} exporter")
+    return ArtifactSpec(path=f"{dest.name}/model.onnx", options={"opset": opset, "exporter": exporter_used})
+
+
+def _rename_onnx_dims(model: Any, ctx: ExportContext) -> None:
+    # Name symbolic dims after the signature (the dynamo exporter calls them s0, s1, ...), so
+    # the ONNX file itself documents the batch axis; outputs get the names inferred at export.
+    specs = {s.name: s for s in [*ctx.signature.inputs, *ctx.signature.outputs]}
+    for value in [*model.graph.input, *model.graph.output]:
+        spec = specs.get(value.name)
+        if spec is None or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != spec.rank:
+            continue
+        for axis, dim in enumerate(dims):
+            want = spec.shape[axis]
+            if isinstance(want, str) and not dim.HasField("dim_value"):
+                dim.dim_param = want
+
+
+def _torch_export(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
+    import torch
+
+    args = _tensors(loaded, ctx.example_inputs)
+    try:
+        program = torch.export.export(loaded.model, args, dynamic_shapes=_positional_shapes(loaded, ctx))
+    except Exception as exc:
+        raise ExportError("format torch_export", f"torch.export failed: {str(exc).splitlines()[0]}",
+                          fix="check the dynamic axes in --input-spec (a model that needs a fixed size cannot "
+                              "export that axis as dynamic)") from None
+    target = dest / "model.pt2"
+    torch.export.save(program, str(target))
+    return ArtifactSpec(path=f"{dest.name}/model.pt2")

@@ -1,0 +1,303 @@
+"""Export orchestration: source -> model -> formats -> parity -> one atomic package."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from packager import __version__
+from packager.compare import compare_outputs
+from packager.errors import ExportError, FidelityError, InputError, PackagerError, SignatureError, UsageError
+from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions, detect_framework, exporter
+from packager.manifest import Artifact, Golden, Manifest, Parity, Source
+from packager.package import GOLDEN_INPUTS, GOLDEN_OUTPUTS, PackageWriter, check_destination, load_npz
+from packager.signature import BATCH, Signature, TensorSpec, infer_output_specs, parse_input_specs, spec_from_array
+from runtimes import FORMAT_RUNTIMES
+
+log = logging.getLogger("packager")
+
+#: distribution name per runtime, for the manifest's versions (read without importing).
+RUNTIME_DISTS = {"onnxruntime": "onnxruntime", "torchscript": "torch", "torch_export": "torch",
+                 "tensorflow": "tensorflow", "paddle_inference": "paddlepaddle", "paddle_jit": "paddlepaddle"}
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` produced."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def passed(self) -> bool:
+        return all(a.passed for a in self.manifest.artifacts)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+def dist_version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        # GPU builds ship under other names (onnxruntime-gpu, paddlepaddle-gpu).
+        for alt in (f"{dist}-gpu", f"{dist}_gpu"):
+            try:
+                return importlib.metadata.version(alt)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return "unknown"
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # torch tensors
+        return value.detach().cpu().numpy()
+    if hasattr(value, "numpy"):  # tf / paddle tensors
+        return np.asarray(value.numpy())
+    return np.asarray(value)
+
+
+def normalise_inputs(example: Any, names: list[str] | None) -> dict[str, np.ndarray]:
+    """Example inputs as a name -> array dict (from a path, dict, array or tuple)."""
+    if example is None:
+        return {}
+    if isinstance(example, (str, Path)):
+        path = Path(example)
+        if not path.is_file():
+            raise InputError(str(path), "does not exist", fix="pass an .npz (keys = input names) or .npy file")
+        if path.suffix == ".npz":
+            example = load_npz(path)
+        elif path.suffix == ".npy":
+            try:
+                example = np.load(path, allow_pickle=False)
+            except ValueError as exc:
+                raise InputError(str(path), f"cannot be read ({exc})") from None
+        else:
+            raise InputError(str(path), "is not an example-input file", expected=".npz or .npy", got=path.suffix)
+    if isinstance(example, Mapping):
+        return {str(k): _as_numpy(v) for k, v in example.items()}
+    arrays = list(example) if isinstance(example, (tuple, list)) else [example]
+    arrays = [_as_numpy(a) for a in arrays]
+    if names is None or len(names) != len(arrays):
+        names = [f"input_{i}" for i in range(len(arrays))] if len(arrays) > 1 else (names[:1] if names else ["input"])
+    return dict(zip(names, arrays))
+
+
+def _int_ranges(spec: TensorSpec, data: np.ndarray) -> TensorSpec:
+    # Integer inputs (token ids, class ids) need a value range for generated inputs; the
+    # example data is the best evidence of what the model accepts.
+    if spec.value_range is None and data.dtype.kind in "iu" and data.size:
+        return spec.model_copy(update={"value_range": (float(data.min()), float(data.max()) + 1)})
+    return spec
+
+
+def build_input_signature(loaded: LoadedModel, example: dict[str, np.ndarray], declared: Signature | None,
+                          seed: int) -> tuple[Signature, dict[str, np.ndarray]]:
+    """Input signature and concrete example inputs, from ``--input-spec`` and/or example data."""
+    if declared is None and not example:
+        if loaded.signature is not None and loaded.signature.inputs:
+            declared = Signature(inputs=loaded.signature.inputs, dims=loaded.signature.dims)
+        else:
+            raise UsageError("example inputs", "are missing", fix="pass --example-inputs x.npz or --input-spec "
+                             "'x:float32[batch,3,32,32]'")
+    if declared is None:
+        specs = [_int_ranges(spec_from_array(name, arr), arr) for name, arr in example.items()]
+        return Signature(inputs=specs), example
+    if not example:
+        return declared, declared.example_inputs(seed=seed)
+    # Both: the data must fit the declared spec.
+    from runtimes.feeds import FeedValidator
+
+    example = FeedValidator(declared.inputs, cast="strict")(example)
+    specs = [_int_ranges(s, example[s.name]) for s in declared.inputs]
+    return declared.model_copy(update={"inputs": specs}), example
+
+
+def second_inputs(signature: Signature, example: dict[str, np.ndarray], seed: int) -> tuple[dict[str, np.ndarray],
+                                                                                          dict[str, int], dict[str, int]]:
+    """Inputs at different dynamic sizes, to tell which output axes are dynamic."""
+    sizes_a: dict[str, int] = {}
+    for spec in signature.inputs:
+        for axis, dim in spec.dynamic_axes.items():
+            sizes_a.setdefault(dim, int(example[spec.name].shape[axis]))
+    sizes_b = {}
+    for dim, size in sizes_a.items():
+        info = signature.dim(dim)
+        bigger = size + 1 if info.max is None or size + 1 <= info.max else None
+        smaller = size - 1 if size - 1 >= max(info.min, 1) else None
+        sizes_b[dim] = bigger or smaller or size
+    if set(sizes_a) == {BATCH} or not sizes_a:
+        # Only the batch varies: reuse real rows so int/float ranges stay realistic.
+        n = sizes_b.get(BATCH, 1)
+        feeds = {}
+        for spec in signature.inputs:
+            arr = example[spec.name]
+            axis = spec.batch_axis
+            if axis is None:
+                feeds[spec.name] = arr
+            else:
+                reps = -(-n // arr.shape[axis])
+                feeds[spec.name] = np.concatenate([arr] * reps, axis=axis).take(range(n), axis=axis)
+        return feeds, sizes_a, sizes_b
+    return signature.example_inputs(seed=seed + 1, sizes=sizes_b), sizes_a, sizes_b
+
+
+def export(
+    source: Any,
+    example_inputs: Any = None,
+    *,
+    out: str | Path,
+    formats: Iterable[str] | str | None = None,
+    input_spec: Iterable[str] | str | None = None,
+    name: str | None = None,
+    framework: str | None = None,
+    builder: str | None = None,
+    state_key: str | None = None,
+    trust: bool = False,
+    overwrite: bool = False,
+    allow_mismatch: bool = False,
+    atol: float | Mapping[str, float] | None = None,
+    rtol: float | Mapping[str, float] | None = None,
+    output_names: list[str] | None = None,
+    opset: int | None = None,
+    seed: int = 0,
+    options: Mapping[str, Any] | None = None,
+) -> ExportResult:
+    """Export a model (in memory or a training-time save) into a verified package.
+
+    Args:
+        source: An in-memory model, or a path to a save (state_dict, checkpoint, full model,
+            Keras file, Paddle params, an inference model, ...).
+        example_inputs: Arrays (dict, tuple, array, or an .npz/.npy path) used for tracing and
+            golden data. Optional when ``input_spec`` is given.
+        out: Package folder to create.
+        formats: Formats to write (default: the framework's defaults).
+        input_spec: Input specs naming the dynamic axes, e.g. ``["ids:int64[batch,seq]"]``.
+        name: Model name (default: the output folder's name).
+        framework: ``torch``, ``tensorflow`` or ``paddle`` (default: detected).
+        builder: ``module:function`` returning the architecture, for weights-only saves.
+        state_key: Key of the model weights inside a checkpoint dict.
+        trust: Allow sources that unpickle arbitrary code.
+        overwrite: Replace an existing package at ``out``.
+        allow_mismatch: Write the package even if an artifact fails parity.
+        atol: Absolute tolerance (one, or per output name).
+        rtol: Relative tolerance (one, or per output name).
+        output_names: Names for the model's outputs (default: the model's own, else output_0...).
+        opset: ONNX opset.
+        seed: Seed for generated inputs.
+        options: Format options, e.g. ``{"torchscript_mode": "script"}``.
+
+    Raises:
+        FidelityError: An artifact failed parity and ``allow_mismatch`` is false (nothing written).
+        ExportError: A format could not be produced (nothing written).
+    """
+    out = check_destination(out, overwrite)
+    framework = framework or detect_framework(source)
+    fw = exporter(framework)
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    formats = list(formats or fw.DEFAULT_FORMATS)
+    unknown = [f for f in formats if f not in fw.FORMATS]
+    if unknown:
+        raise UsageError(f"format(s) {unknown}", f"cannot be written from a {framework} model",
+                         expected=", ".join(fw.FORMATS), got=", ".join(formats))
+    if len(set(formats)) != len(formats):
+        raise UsageError("--formats", "lists a format twice", got=", ".join(formats))
+
+    loaded: LoadedModel = fw.load_source(source, SourceOptions(builder=builder, state_key=state_key, trust=trust,
+                                                                extra=dict(options or {})))
+    declared = parse_input_specs(input_spec)
+    example = normalise_inputs(example_inputs, declared.input_names if declared else loaded.input_names)
+    signature, example = build_input_signature(loaded, example, declared, seed)
+
+    reference = fw.run_eager(loaded, example)
+    names = output_names or loaded.output_names or (
+        [f"output_{i}" for i in range(len(reference))] if len(reference) > 1 else ["output"])
+    if len(names) != len(reference):
+        raise UsageError("output names", "do not match the model's outputs", expected=f"{len(reference)} names",
+                         got=names)
+    second, sizes_a, sizes_b = second_inputs(signature, example, seed)
+    try:
+        reference_b = fw.run_eager(loaded, second)
+    except Exception as exc:  # the model rejects other sizes: only the batch axis stays dynamic
+        log.debug("second eager run failed (%s); output axes inferred from the batch only", exc)
+        reference_b, sizes_b = reference, sizes_a
+    outputs = infer_output_specs(names, reference, reference_b, sizes_a, sizes_b)
+    signature = signature.model_copy(update={"outputs": outputs})
+    ref = dict(zip(names, reference))
+
+    ctx = ExportContext(signature=signature, example_inputs=example, opset=opset, options=dict(options or {}))
+    artifacts: list[Artifact] = []
+    versions = {framework: fw.framework_version()}
+    with PackageWriter(out, overwrite=overwrite) as writer:
+        for fmt in formats:
+            dest = writer.path(fmt)
+            dest.mkdir(parents=True, exist_ok=True)
+            try:
+                spec: ArtifactSpec = fw.export_format(fmt, loaded, ctx, dest)
+            except PackagerError:
+                raise
+            except Exception as exc:
+                raise ExportError(f"format {fmt}", f"export failed: {type(exc).__name__}: {str(exc)[:500]}",
+                                  fix="see --debug for the full trace; try another format or opset",
+                                  details="\n".join(ctx.log)) from exc
+            runtimes = tuple(spec.runtimes or FORMAT_RUNTIMES[fmt])
+            for rt in runtimes:
+                versions[rt] = dist_version(RUNTIME_DISTS.get(rt, rt))
+            art = Artifact(format=fmt, path=spec.path, files=writer.files(fmt), runtimes=list(runtimes),
+                           options=spec.options)
+            art.parity = [check_parity(writer.root / spec.path, art, signature, example, ref, atol, rtol)]
+            artifacts.append(art)
+        golden = Golden(inputs=writer.write_npz(GOLDEN_INPUTS, example),
+                        outputs=writer.write_npz(GOLDEN_OUTPUTS, ref), reference=loaded.reference)
+        manifest = Manifest(
+            name=name or out.name, packager_version=__version__,
+            source=Source(framework=framework, framework_version=versions[framework], kind=loaded.kind,
+                          path=loaded.path, builder=loaded.builder),
+            versions=versions, signature=signature, artifacts=artifacts, golden=golden,
+            extra={"export_log": ctx.log} if ctx.log else {})
+        failed = [a for a in artifacts if not a.passed]
+        if failed and not allow_mismatch:
+            raise parity_error(failed)
+        path = writer.commit(manifest)
+    return ExportResult(path=path, manifest=manifest)
+
+
+def check_parity(path: Path, artifact: Artifact, signature: Signature, inputs: dict[str, np.ndarray],
+                 reference: dict[str, np.ndarray], atol: Any, rtol: Any, device: str = "cpu") -> Parity:
+    """Run one artifact with its first runtime and compare with the reference."""
+    from runtimes import runner_class
+
+    runtime = artifact.runtimes[0]
+    try:
+        with runner_class(runtime)(path, signature=signature, device=device,
+                                   **artifact.options.get("runner", {})) as runner:
+            got = runner.run(inputs)
+            notes = list(runner.notes)
+    except PackagerError as exc:
+        return Parity(runtime=runtime, device=device, passed=False, error=exc.message)
+    results = compare_outputs(reference, got, atol=atol, rtol=rtol)
+    return Parity(runtime=runtime, device=device, passed=all(r.passed for r in results), outputs=results,
+                  notes=notes)
+
+
+def parity_error(failed: list[Artifact]) -> FidelityError:
+    """One error listing every failing format, output and figure."""
+    lines = []
+    for art in failed:
+        for parity in art.parity:
+            if parity.error:
+                lines.append(f"{art.format} ({parity.runtime}): {parity.error}")
+            for out in parity.outputs:
+                if not out.passed:
+                    figures = f"max abs {out.max_abs:.3g}, max rel {out.max_rel:.3g}" if out.max_abs is not None else ""
+                    lines.append(f"{art.format} ({parity.runtime}) output {out.name!r}: {out.problem} {figures}".strip())
+    return FidelityError("export parity", "; ".join(lines), fix="fix the export, loosen --atol/--rtol if the error "
+                         "is expected, or pass --allow-mismatch to write the package anyway")

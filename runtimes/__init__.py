@@ -1,0 +1,130 @@
+"""Runtime layer: load any artifact or package and run it on CPU or GPU.
+
+``runtimes.load(path)`` returns a :class:`~runtimes.base.Runner`. Backends are imported only
+when one is loaded, so importing this package costs no framework import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from packager.errors import DependencyError, InputError, UsageError
+from packager.signature import Signature
+from runtimes.base import Runner
+from runtimes.device import Device, parse_device
+
+__all__ = ["Runner", "Device", "load", "parse_device", "RUNNERS", "FORMAT_RUNTIMES", "runner_class", "detect_format"]
+
+#: runtime name -> "module:Class" (imported lazily).
+RUNNERS: dict[str, str] = {
+    "onnxruntime": "runtimes.onnxruntime:OnnxRuntimeRunner",
+    "torchscript": "runtimes.torchscript:TorchScriptRunner",
+    "torch_export": "runtimes.torch_export:TorchExportRunner",
+    "tensorflow": "runtimes.tensorflow:TensorFlowRunner",
+    "paddle_inference": "runtimes.paddle_inference:PaddleInferenceRunner",
+    "paddle_jit": "runtimes.paddle_jit:PaddleJitRunner",
+}
+
+#: format -> runtimes that load it, preferred first.
+FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnxruntime",),
+    "torchscript": ("torchscript",),
+    "torch_export": ("torch_export",),
+    "saved_model": ("tensorflow",),
+    "paddle_inference": ("paddle_inference", "paddle_jit"),
+    "paddle_legacy": ("paddle_inference",),
+    "paddle_static": ("paddle_inference",),
+}
+
+#: Which artifact a package runs when no format is asked for: ONNX first (lightest runtime).
+FORMAT_PREFERENCE = ("onnx", "torchscript", "torch_export", "saved_model", "paddle_inference", "paddle_static",
+                     "paddle_legacy")
+
+#: pip extra that installs each runtime.
+RUNTIME_EXTRAS = {"onnxruntime": "onnx", "torchscript": "torch", "torch_export": "torch", "tensorflow": "tensorflow",
+                  "paddle_inference": "paddle", "paddle_jit": "paddle"}
+
+
+def runner_class(runtime: str) -> type[Runner]:
+    """The runner class registered for ``runtime`` (imports its module)."""
+    if runtime not in RUNNERS:
+        raise UsageError(f"runtime {runtime!r}", "is unknown", expected=", ".join(RUNNERS), got=runtime)
+    module_name, cls_name = RUNNERS[runtime].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DependencyError(f"runtime {runtime!r}", f"cannot be imported ({exc})",
+                              fix=f"pip install 'packager[{RUNTIME_EXTRAS.get(runtime, runtime)}]'") from exc
+    return getattr(module, cls_name)
+
+
+def detect_format(path: str | Path) -> str:
+    """Guess the format of a bare artifact from its file name or folder contents."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "saved_model.pb").exists():
+            return "saved_model"
+        names = {p.suffix for p in path.iterdir()}
+        if ".pdiparams" in names:
+            return "paddle_legacy" if ".pdmodel" in names else "paddle_inference"
+    suffix = path.suffix.lower()
+    by_suffix = {".onnx": "onnx", ".pt2": "torch_export", ".ts": "torchscript", ".torchscript": "torchscript",
+                 ".pdmodel": "paddle_legacy", ".json": "paddle_inference", ".pdiparams": "paddle_inference"}
+    if suffix in by_suffix:
+        return by_suffix[suffix]
+    if suffix in (".pt", ".pth", ".jit"):
+        return "torchscript"
+    raise InputError(str(path), "is not a recognised artifact", expected="a package folder, .onnx, .pt (TorchScript), "
+                     ".pt2, a SavedModel folder or a Paddle inference model", got=path.suffix or "a folder",
+                     fix="pass format=... explicitly")
+
+
+def load(path: str | Path, format: str | None = None, device: str | Device = "cpu", *, runtime: str | None = None,
+         cast: str = "strict", verify: bool = True, signature: Signature | None = None, **options: Any) -> Runner:
+    """Load a package (picking an artifact) or a bare artifact, and return its runner.
+
+    Args:
+        path: A package folder (with ``manifest.json``) or an artifact file/folder.
+        format: Artifact format to use (default: the first of ONNX, TorchScript, ... the package has).
+        device: ``"cpu"`` or ``"cuda[:N]"``.
+        runtime: Runtime to use when the format has several (default: the first registered).
+        cast: ``"strict"`` dtype checks, or ``"safe"`` to allow lossless casts.
+        verify: Check package checksums before loading (packages only).
+        signature: Signature for a bare artifact (packages carry their own).
+        **options: Runtime-specific options.
+    """
+    from packager.package import Package, is_package
+
+    path = Path(path)
+    if is_package(path):
+        package = Package(path, verify=verify)
+        manifest = package.manifest
+        if format is None:
+            available = [f for f in FORMAT_PREFERENCE if f in manifest.formats] or manifest.formats
+            if runtime is not None:
+                available = [f for f in available if runtime in FORMAT_RUNTIMES.get(f, ())]
+            if not available:
+                raise InputError(str(path), "has no artifact the requested runtime can load",
+                                 expected=runtime, got=manifest.formats)
+            format = available[0]
+        try:
+            artifact = manifest.artifact(format)
+        except KeyError:
+            raise InputError(f"format {format!r}", "is not in this package", expected=manifest.formats,
+                             got=format, fix=f"pass one of --format {', '.join(manifest.formats)}") from None
+        runtime = runtime or artifact.runtimes[0]
+        if runtime not in artifact.runtimes:
+            raise InputError(f"runtime {runtime!r}", f"cannot load the {format} artifact",
+                             expected=artifact.runtimes, got=runtime)
+        cls = runner_class(runtime)
+        merged = {**artifact.options.get("runner", {}), **options}
+        return cls(package.resolve(artifact.path), signature=manifest.signature, device=device, cast=cast, **merged)
+    if not path.exists():
+        raise InputError(str(path), "does not exist", fix="check the path")
+    format = format or detect_format(path)
+    if format not in FORMAT_RUNTIMES:
+        raise UsageError(f"format {format!r}", "is unknown", expected=", ".join(FORMAT_RUNTIMES), got=format)
+    runtime = runtime or FORMAT_RUNTIMES[format][0]
+    return runner_class(runtime)(path, signature=signature, device=device, cast=cast, **options)

@@ -1,0 +1,119 @@
+"""The runner contract every runtime implements.
+
+A runner loads one artifact on one device, exposes its input/output specs, validates feeds
+once in :meth:`Runner.run` and delegates to the backend's :meth:`Runner._run`. Subclasses
+override ``_load``, ``_run``, ``_close`` and (for bare artifacts) ``_native_signature``.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+
+from packager.errors import RuntimeLoadError, UsageError
+from packager.signature import Signature, TensorSpec
+from runtimes.device import Device, parse_device
+from runtimes.feeds import FeedValidator
+
+
+class Runner(ABC):
+    """Base class of all runners.
+
+    Args:
+        path: The artifact (file or folder) to load.
+        signature: The package signature; bare artifacts read their own (``_native_signature``).
+        device: ``"cpu"`` or ``"cuda[:N]"``. A GPU that is absent is an error, never a fallback.
+        cast: Feed dtype policy, ``"strict"`` or ``"safe"`` (lossless casts).
+        options: Runtime-specific options (threads, providers, ...).
+    """
+
+    #: Registry name of the runtime ("onnxruntime").
+    runtime: ClassVar[str]
+    #: Artifact formats this runner loads.
+    formats: ClassVar[tuple[str, ...]]
+    #: Whether one instance may be called from several threads at once.
+    thread_safe: ClassVar[bool] = False
+
+    def __init__(self, path: str | Path, *, signature: Signature | None = None, device: str | Device = "cpu",
+                 cast: str = "strict", **options: Any) -> None:
+        self.path = Path(path)
+        self.device = parse_device(device)
+        self.options = options
+        #: Human-readable facts about how the artifact runs (e.g. "oneDNN disabled after ...").
+        self.notes: list[str] = []
+        self._closed = False
+        self._lock = threading.Lock()
+        if not self.path.exists():
+            raise RuntimeLoadError(f"artifact {str(self.path)!r}", "does not exist", fix="check the path")
+        self._load()
+        self.signature = signature if signature is not None else self._native_signature()
+        self._validate = FeedValidator(self.signature.inputs, cast)
+
+    # --- public API -------------------------------------------------------------------
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        return list(self.signature.inputs)
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        return list(self.signature.outputs)
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Validate ``feeds`` against the signature and run the artifact.
+
+        Returns:
+            Output name to array, in signature order.
+        """
+        if self._closed:
+            raise UsageError(f"{self.runtime} runner", "is closed", fix="load the artifact again")
+        arrays = self._validate(feeds)
+        if self.thread_safe:
+            return self._run(arrays)
+        # Backends that are not thread-safe (TorchScript modules, Paddle predictors) are
+        # serialised here; subclasses may do better (a predictor per thread) and set thread_safe.
+        with self._lock:
+            return self._run(arrays)
+
+    def close(self) -> None:
+        """Release the backend's resources; further :meth:`run` calls fail."""
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def info(self) -> dict[str, Any]:
+        """Runtime, device and notes, for reports."""
+        return {"runtime": self.runtime, "device": str(self.device), "path": str(self.path), "notes": self.notes}
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # best effort; close() is the contract
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # --- backend hooks ------------------------------------------------------------------
+    @abstractmethod
+    def _load(self) -> None:
+        """Load the artifact onto ``self.device``; raise RuntimeLoadError/DeviceError."""
+
+    @abstractmethod
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run validated feeds (in signature order) and return named outputs."""
+
+    def _close(self) -> None:
+        """Free backend resources."""
+
+    def _native_signature(self) -> Signature:
+        raise UsageError(f"{self.runtime} artifact {str(self.path)!r}", "carries no signature of its own",
+                         fix="load it from its package (runtimes.load(PKG)) or pass signature=...")

@@ -1,0 +1,54 @@
+"""Device strings: ``cpu``, ``cuda`` or ``cuda:N``. Never a silent CPU fallback."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from packager.errors import DeviceError, UsageError
+
+_DEVICE = re.compile(r"^(cpu|cuda|gpu)(?::(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Device:
+    """A parsed device."""
+
+    kind: str  # "cpu" or "cuda"
+    index: int = 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.kind == "cuda"
+
+    def __str__(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+
+def parse_device(text: str | Device) -> Device:
+    """Parse ``"cpu" | "cuda" | "cuda:N"`` (``gpu`` is accepted as ``cuda``)."""
+    if isinstance(text, Device):
+        return text
+    match = _DEVICE.match(str(text).strip().lower())
+    if not match:
+        raise UsageError(f"device {text!r}", "is not a device name", expected="cpu, cuda or cuda:N", got=text)
+    kind = "cpu" if match[1] == "cpu" else "cuda"
+    if kind == "cpu" and match[2] not in (None, "0"):
+        raise UsageError(f"device {text!r}", "cpu takes no index", expected="cpu", got=text)
+    return Device(kind, int(match[2] or 0))
+
+
+def require_gpu(device: Device, available: int, runtime: str, hint: str) -> None:
+    """Raise when ``device`` asks for a GPU index the runtime cannot see.
+
+    Args:
+        device: The requested device.
+        available: How many GPUs the runtime sees.
+        runtime: Runtime name for the message.
+        hint: What to install or check.
+    """
+    if device.is_cuda and device.index >= available:
+        raise DeviceError(
+            f"device {device}", f"is not available to {runtime}",
+            expected=f"a visible CUDA GPU with index {device.index}", got=f"{available} CUDA device(s)",
+            fix=f"run with --device cpu, or {hint}")

@@ -1,0 +1,37 @@
+"""TorchScript runner (``torch.jit.load``), CPU or CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from packager.errors import RuntimeLoadError
+from runtimes._torch import run_module, torch_device
+from runtimes.base import Runner
+
+
+class TorchScriptRunner(Runner):
+    """Runs a TorchScript archive. Calls are serialised (modules hold per-call state).
+
+    Options:
+        num_threads: torch intra-op threads (process-wide).
+    """
+
+    runtime = "torchscript"
+    formats = ("torchscript",)
+
+    def _load(self) -> None:
+        import torch
+
+        self._device = torch_device(self.device)
+        if self.options.get("num_threads"):
+            torch.set_num_threads(int(self.options["num_threads"]))
+        try:
+            self.module = torch.jit.load(str(self.path), map_location=self._device).eval()
+        except Exception as exc:
+            raise RuntimeLoadError(f"TorchScript file {str(self.path)!r}", f"cannot be loaded: {exc}") from exc
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run_module(self.module, feeds, self._device, self.signature.output_names)
+
+    def _close(self) -> None:
+        self.module = None
