@@ -16,6 +16,7 @@ from typing import Any, Optional
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from packager.errors import ExitCode, PackagerError, UsageError
@@ -71,7 +72,10 @@ def export(
     output_names: Optional[list[str]] = typer.Option(None, help="Names of the outputs (comma-separated)."),
     framework: Optional[str] = typer.Option(None, help="torch, tensorflow or paddle (default: detected)."),
     state_key: Optional[str] = typer.Option(None, help="Key of the model weights in a checkpoint dict."),
-    trust: bool = typer.Option(False, "--trust", help="Allow sources that run pickled code when loaded."),
+    signature: Optional[str] = typer.Option(None, "--signature", help="SavedModel signature to export "
+                                            "(default: serving_default)."),
+    trust: bool = typer.Option(False, "--trust", help="Allow sources that run code when loaded (pickled torch "
+                               "models, Keras Lambda layers and custom objects)."),
     name: Optional[str] = typer.Option(None, help="Model name (default: the package folder's name)."),
     opset: Optional[int] = typer.Option(None, help="ONNX opset."),
     atol: Optional[list[str]] = typer.Option(None, help="Absolute tolerance, or OUTPUT:TOL; repeatable."),
@@ -93,7 +97,8 @@ def export(
         options[key] = value
     result = do_export(source, str(example_inputs) if example_inputs else None, out=out_dir,
                        formats=_split(formats) or None, input_spec=input_spec, name=name, framework=framework,
-                       builder=builder, state_key=state_key, trust=trust, overwrite=overwrite,
+                       builder=builder, state_key=state_key, signature_key=signature, trust=trust,
+                       overwrite=overwrite,
                        allow_mismatch=allow_mismatch, atol=_tolerances(atol, "--atol"), rtol=_tolerances(rtol, "--rtol"),
                        output_names=_split(output_names) or None, opset=opset, options=options)
     if as_json:
@@ -111,66 +116,181 @@ def verify(
     formats: Optional[list[str]] = typer.Option(None, "--format", "-f", help="Only these formats."),
     runtime: Optional[list[str]] = typer.Option(None, "--runtime", help="Only these runtimes."),
     device: Optional[list[str]] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (comma-separated)."),
-    atol: Optional[list[str]] = typer.Option(None, help="Absolute tolerance, or OUTPUT:TOL."),
-    rtol: Optional[list[str]] = typer.Option(None, help="Relative tolerance, or OUTPUT:TOL."),
+    atol: Optional[list[str]] = typer.Option(None, help="Absolute tolerance, or OUTPUT:TOL; repeatable."),
+    rtol: Optional[list[str]] = typer.Option(None, help="Relative tolerance, or OUTPUT:TOL; repeatable."),
+    reference: str = typer.Option("auto", help="auto (golden data + the package's reference artifact), golden, "
+                                  "eager (re-run the model from --source), or a format name."),
+    source: Optional[Path] = typer.Option(None, help="Training-time save for --reference eager."),
+    builder: Optional[str] = typer.Option(None, help="module:function building the architecture (--reference eager)."),
+    state_key: Optional[str] = typer.Option(None, help="Key of the weights in a checkpoint dict."),
+    trust: bool = typer.Option(False, "--trust", help="Allow a pickled --source."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Your own inputs (.npz, keys = input names)."),
+    input_range: Optional[list[str]] = typer.Option(None, help="NAME:LOW:HIGH value range of generated inputs; "
+                                                    "repeatable."),
+    random_inputs: bool = typer.Option(False, "--random", help="Add seeded random inputs at the golden sizes."),
+    seed: int = typer.Option(0, help="Seed of generated inputs."),
+    sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Shape sweep and batch consistency."),
     as_json: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON ('-' for stdout)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML report."),
+    integrity_only: bool = typer.Option(False, "--integrity-only", help="Only check every file's size and "
+                                        "SHA-256 (and that no unlisted file is present); run nothing."),
 ) -> None:
-    """Re-run the golden check of every artifact with its runtime(s) on this host."""
+    """Verify every artifact x runtime x device: contract, golden data, shape sweep, batch consistency."""
+    if integrity_only:
+        _integrity_only(package)
+        return
     from packager.verifying import verify as do_verify
 
+    ranges = {}
+    for item in input_range or []:
+        name, _, bounds = item.partition(":")
+        low, _, high = bounds.partition(":")
+        try:
+            ranges[name] = (float(low), float(high))
+        except ValueError:
+            raise UsageError(f"--input-range {item!r}", "is not NAME:LOW:HIGH", expected="ids:0:1000",
+                             got=item) from None
     report = do_verify(package, formats=_split(formats) or None, runtimes=_split(runtime) or None,
                        devices=_split(device) or ["cpu"], atol=_tolerances(atol, "--atol"),
-                       rtol=_tolerances(rtol, "--rtol"))
+                       rtol=_tolerances(rtol, "--rtol"), reference=reference, source=source, builder=builder,
+                       state_key=state_key, trust=trust, inputs=inputs, sweep=sweep, random=random_inputs, seed=seed,
+                       input_ranges=ranges or None)
     if as_json is not None:
         text = json.dumps(report.to_dict(), indent=2)
         if str(as_json) == "-":
             out.print_json(text)
         else:
             as_json.write_text(text)
+    if html is not None:
+        from packager.fidelity.report_html import write_html
+
+        write_html(report, html)
+    if junit is not None:
+        from packager.fidelity.report_junit import write_junit
+
+        write_junit(report, junit)
     if str(as_json) != "-":
-        table = Table(title=f"verify {package}")
-        for col in ("format", "runtime", "device", "verdict", "worst output", "max abs", "max rel"):
-            table.add_column(col)
-        for row in report.rows:
-            worst = max(row.parity.outputs, key=lambda o: o.max_abs or 0.0, default=None)
-            table.add_row(row.format, row.parity.runtime, row.parity.device,
-                          "[green]PASS[/]" if row.passed else "[red]FAIL[/]",
-                          (worst.name if worst else "") if not row.parity.error else row.parity.error[:60],
-                          f"{worst.max_abs:.3g}" if worst and worst.max_abs is not None else "-",
-                          f"{worst.max_rel:.3g}" if worst and worst.max_rel is not None else "-")
-        out.print(table)
-    raise typer.Exit(int(report.exit_code))
+        from packager.fidelity.report_text import print_report
+
+        print_report(report, out, title=f"verify {package}")
+    # click's Exit (not typer.Exit, which this typer returns as 0 under standalone_mode=False)
+    # is what main() maps to the process exit status.
+    raise click.exceptions.Exit(int(report.exit_code))
 
 
 @app.command()
 def run(
     package: Path = typer.Argument(..., help="Package folder or artifact."),
-    input_path: Path = typer.Option(..., "--input", "-i", help=".npy (single input) or .npz (keys = input names)."),
-    output_path: Path = typer.Option(..., "--output", "-o", help="Output .npz."),
-    batch_size: int = typer.Option(32, help="Rows per runtime call."),
+    input_path: Path = typer.Option(..., "--input", "-i", help=".npy (single input), .npz (keys = input names), "
+                                    ".parquet (one column per input) or a folder of such shards."),
+    output_path: Path = typer.Option(..., "--output", "-o", help="out.npz, out.parquet, out.npy or a folder "
+                                     "(dir/) of shards."),
+    batch_size: Optional[int] = typer.Option(None, help="Rows per runtime call (default: from the signature "
+                                             "and model size)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="Artifact format (default: ONNX if present)."),
-    runtime: Optional[str] = typer.Option(None, help="Runtime (default: the format's first)."),
+    runtime: Optional[str] = typer.Option(None, help="Runtime, or 'auto' for the fastest one 'packager bench' "
+                                          "recorded (default: the format's first)."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     cast: str = typer.Option("strict", help="strict, or safe to allow lossless dtype casts."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (and discard an "
+                                   "unfinished run with other arguments)."),
+    skip_integrity: bool = typer.Option(False, "--skip-integrity", help="Do NOT check file checksums before "
+                                        "loading (a modified or corrupted file reaches the framework)."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Input column/key carried through to the "
+                                            "output and the rejects file."),
+    output_format: Optional[str] = typer.Option(None, "--output-format", help="npz or parquet for a folder "
+                                                "output (default: parquet for Parquet input, else npz)."),
+    on_error: str = typer.Option("fail", "--on-error", help="fail, or skip: write bad rows to the rejects file "
+                                 "and go on."),
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Rejects file (default: OUTPUT.rejects.jsonl)."),
+    allow_nan: bool = typer.Option(False, "--allow-nan", help="Accept NaN/inf in float inputs."),
+    shard_rows: Optional[int] = typer.Option(None, "--shard-rows", help="Input rows per output shard (resume "
+                                             "granularity; default ~32 MB of output)."),
+    threads: int = typer.Option(1, "--threads", help="Inference threads (local engine)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    progress_log: Optional[str] = typer.Option(None, "--progress-log", help="Write JSON-lines progress to this "
+                                               "file ('-': stderr; the default when stderr is not a terminal)."),
+    engine: str = typer.Option("local", "--engine", help="local, or ray (Ray Data; several machines)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local "
+                                          "Ray instance)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Ray actors (default: one per CPU, or "
+                                              "per GPU with --device cuda)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
-    """Run batch inference of a package over a dataset."""
-    import numpy as np
+    """Run batch inference of a package over a dataset: streaming, resumable, local or on Ray."""
+    if skip_integrity:
+        _warn_skip_integrity(package)
+    from packager.batch.pipeline import RunConfig, run_dataset
 
-    import runtimes
-    from packager.batch import read_inputs, run_batches
+    if engine != "ray" and (address is not None or num_workers is not None):
+        raise UsageError("--address/--num-workers", "only apply to --engine ray", got=f"--engine {engine}",
+                         fix="add --engine ray or drop them")
+    interactive = err.is_terminal
+    config = RunConfig(batch_size=batch_size, on_error=on_error, allow_nan=allow_nan, id_column=id_column,
+                       output_format=output_format, rejects=rejects, overwrite=overwrite, shard_rows=shard_rows,
+                       threads=threads, progress_bar=interactive and not quiet,
+                       progress_log=progress_log if progress_log is not None else
+                       (None if quiet or interactive else "-"),
+                       engine=engine, address=address, num_workers=num_workers)
+    summary = run_dataset(package, input_path, output_path, format=fmt, runtime=runtime, device=device, cast=cast,
+                          config=config, verify=not skip_integrity)
+    if as_json:
+        out.print_json(json.dumps(summary.to_dict()))
+    if not quiet:
+        for note in summary.notes:
+            err.print(f"note: {note}", highlight=False, markup=False)
+        resumed = f", resumed at row {summary.resumed_from}" if summary.resumed_from else ""
+        rejected = f", {summary.rejected} rejected (see {summary.rejects})" if summary.rejects else ""
+        err.print(f"wrote {summary.written} of {summary.rows} rows to {summary.output}{rejected}{resumed} "
+                  f"[{summary.runtime}/{summary.format} on {summary.device}, {summary.engine} engine, batch "
+                  f"{summary.batch_size}, {summary.rows_per_s:,.0f} rows/s]", highlight=False, markup=False)
 
-    if output_path.exists() and not overwrite:
-        raise UsageError(str(output_path), "already exists", fix="pass --overwrite or choose another --output")
-    with runtimes.load(package, format=fmt, device=device, runtime=runtime, cast=cast) as runner:
-        inputs = read_inputs(input_path, runner.signature)
-        outputs = run_batches(runner, inputs, batch_size)
-    tmp = output_path.with_name(f".{output_path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **outputs)
-    os.replace(tmp, output_path)
-    rows = next(iter(outputs.values())).shape[0] if outputs else 0
-    err.print(f"wrote {rows} rows to {output_path}")
+
+@app.command()
+def bench(
+    package: Path = typer.Argument(..., help="Package folder."),
+    formats: Optional[list[str]] = typer.Option(None, "--format", "-f", help="Only these formats."),
+    runtime: Optional[list[str]] = typer.Option(None, "--runtime", help="Only these runtimes."),
+    device: Optional[list[str]] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (comma-separated)."),
+    batch_sizes: Optional[list[str]] = typer.Option(None, "--batch-sizes", "-b", help="Batch sizes, e.g. 1,32,256 "
+                                                    "(default: 1, 32 and packager run's default)."),
+    min_time: float = typer.Option(0.5, "--min-time", help="Seconds of timed calls per case."),
+    record: bool = typer.Option(True, "--record/--no-record", help="Record the fastest choice for "
+                                "'packager run --runtime auto' (in the user cache folder, not the package)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Latency (p50/p90/p99) and throughput of each artifact x runtime x device x batch size."""
+    from packager.bench import bench as do_bench
+
+    sizes: list[int] = []
+    for value in _split(batch_sizes):
+        try:
+            sizes.append(int(value))
+        except ValueError:
+            raise UsageError(f"--batch-sizes {value!r}", "is not an integer", expected="e.g. 1,32,256",
+                             got=value) from None
+    report = do_bench(package, formats=_split(formats) or None, runtimes=_split(runtime) or None,
+                      devices=_split(device) or ["cpu"], batch_sizes=sizes or None, min_time=min_time, record=record)
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+        return
+    table = Table(title=f"bench {package}")
+    for col in ("format", "runtime", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "rows/s"):
+        table.add_column(col, justify="right" if col not in ("format", "runtime", "device") else "left")
+    for row in report.rows:
+        if row.error:
+            table.add_row(row.format, row.runtime, row.device, str(row.batch_size), "[red]error[/]",
+                          row.error[:60], "", "")
+            continue
+        table.add_row(row.format, row.runtime, row.device, str(row.batch_size), f"{row.p50_ms:.3f}",
+                      f"{row.p90_ms:.3f}", f"{row.p99_ms:.3f}", f"{row.rows_per_s:,.0f}")
+    out.print(table)
+    for dev, best in report.fastest.items():
+        out.print(f"fastest on {dev}: {best['runtime']} ({best['format']}) at batch {best['batch_size']}, "
+                  f"{best['rows_per_s']:,.0f} rows/s", highlight=False)
+    if report.record_path:
+        out.print(f"recorded for --runtime auto in {report.record_path}", highlight=False)
 
 
 @app.command()
@@ -192,10 +312,40 @@ def inspect(
         sig.add_column(col)
     for kind, specs in (("input", manifest.signature.inputs), ("output", manifest.signature.outputs)):
         for spec in specs:
-            sig.add_row(kind, spec.name, spec.dtype, spec.shape_str())
+            sig.add_row(kind, escape(spec.name), spec.dtype, escape(spec.shape_str()))
     out.print(sig)
     _print_artifacts(manifest)
     out.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
+
+
+@app.command()
+def pack(
+    package: Path = typer.Argument(..., help="Package folder."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="Archive to write (NAME.tar.gz)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing archive."),
+) -> None:
+    """Check a package's integrity and write it as one reproducible .tar.gz (every command accepts it)."""
+    from packager.archive import pack as do_pack
+
+    result = do_pack(package, out_file, overwrite=overwrite)
+    out.print(f"[bold]packed[/] {result.files} files ({_human(result.bytes)}) into {result.path} "
+              f"({_human(result.path.stat().st_size)})")
+
+
+def _integrity_only(package: Path) -> None:
+    """``verify --integrity-only``: checksums and unlisted files, no framework import."""
+    from packager.package import Package
+
+    report = Package(package, verify=False).verify_integrity()
+    out.print(f"[green]integrity OK[/] {package}: {report.files} files, {_human(report.bytes)}, "
+              f"SHA-256 checked in {report.seconds:.2f} s")
+
+
+def _warn_skip_integrity(package: Path) -> None:
+    err.print(f"[bold yellow]WARNING --skip-integrity[/]: the size and SHA-256 of the files of {package} are NOT "
+              "checked, nor is the package checked for unlisted files; a modified, truncated or planted file "
+              "will be handed to the framework as is. Use only on a package you just verified.",
+              highlight=False)
 
 
 def _print_artifacts(manifest: Any) -> None:
@@ -206,7 +356,7 @@ def _print_artifacts(manifest: Any) -> None:
         size = sum(f.size for f in art.files)
         worst = max((o.max_abs or 0.0 for p in art.parity for o in p.outputs), default=None)
         verdict = "-" if not art.parity else ("[green]PASS[/]" if art.passed else "[red]FAIL[/]")
-        table.add_row(art.format, art.path, _human(size), ", ".join(art.runtimes), verdict,
+        table.add_row(art.format, escape(art.path), _human(size), ", ".join(art.runtimes), verdict,
                       f"{worst:.3g}" if worst is not None else "-")
     out.print(table)
 

@@ -13,7 +13,7 @@ import re
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from packager.errors import SignatureError
 
@@ -218,8 +218,9 @@ def parse_spec(text: str) -> tuple[TensorSpec, dict[str, DimInfo]]:
                                  got=f"@{match['low']}:{match['high']}")
     try:
         spec = TensorSpec(name=match["name"], dtype=match["dtype"], shape=tuple(dims), value_range=value_range)
-    except ValueError as exc:
-        raise SignatureError(f"input spec {text!r}", str(exc).splitlines()[-1].strip(), fix=fix) from None
+    except ValidationError as exc:
+        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise SignatureError(f"input spec {text!r}", message, fix=fix) from None
     return spec, infos
 
 

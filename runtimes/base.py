@@ -53,6 +53,7 @@ class Runner(ABC):
         self._load()
         self.signature = signature if signature is not None else self._native_signature()
         self._validate = FeedValidator(self.signature.inputs, cast)
+        self._ready()
 
     # --- public API -------------------------------------------------------------------
     @property
@@ -110,6 +111,9 @@ class Runner(ABC):
     @abstractmethod
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run validated feeds (in signature order) and return named outputs."""
+
+    def _ready(self) -> None:
+        """Called once the signature is known: precompute what the per-call path needs."""
 
     def _close(self) -> None:
         """Free backend resources."""

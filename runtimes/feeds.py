@@ -41,30 +41,38 @@ class FeedValidator:
         Raises:
             FeedError: Naming the input, what was expected, what was received, and the fix.
         """
-        if not isinstance(feeds, Mapping):
+        if type(feeds) is not dict and not isinstance(feeds, Mapping):
             raise FeedError("feeds", "must be a dict of input name to array", expected="dict[str, np.ndarray]",
                             got=type(feeds).__name__, fix=f"pass {{{', '.join(repr(n) + ': array' for n in self.names)}}}")
         if feeds.keys() != self._name_set:
             self._name_error(feeds)
+        changed = type(feeds) is not dict
         out: dict[str, np.ndarray] = {}
         for name, dtype, rank, fixed, spec in self._checks:
             value = feeds[name]
             if type(value) is not np.ndarray:
                 value = _as_array(name, value)
-            if value.dtype != dtype:
+                changed = True
+            # Builtin numpy dtypes are singletons: the identity test is the cheap common case.
+            if value.dtype is not dtype and value.dtype != dtype:
                 value = self._cast(spec, dtype, value)
-            if value.ndim != rank:
+                changed = True
+            shape = value.shape
+            if len(shape) != rank:
                 raise FeedError(f"input {name!r}", "has the wrong rank", expected=f"{rank}-D {spec.shape_str()}",
-                                got=f"{value.ndim}-D {list(value.shape)}",
+                                got=f"{value.ndim}-D {list(shape)}",
                                 fix=_rank_fix(value.ndim, rank))
             for axis, size in fixed:
-                if value.shape[axis] != size:
+                if shape[axis] != size:
                     raise FeedError(f"input {name!r}", f"dimension {axis} has the wrong size",
-                                    expected=f"{size} (shape {spec.shape_str()})", got=f"{value.shape[axis]} "
-                                    f"(shape {list(value.shape)})", fix="resize or transpose the array to the "
+                                    expected=f"{size} (shape {spec.shape_str()})", got=f"{shape[axis]} "
+                                    f"(shape {list(shape)})", fix="resize or transpose the array to the "
                                     "signature's shape (is the layout NCHW vs NHWC?)")
             out[name] = value
-        return out
+        # Hand the caller's dict through untouched when nothing was converted: no copy per call.
+        if changed or (len(out) > 1 and list(feeds) != self.names):
+            return out  # in signature order: positional runtimes (torch) rely on it
+        return feeds  # type: ignore[return-value]
 
     def _name_error(self, feeds: Mapping[str, Any]) -> None:
         missing = [n for n in self.names if n not in feeds]
@@ -78,6 +86,10 @@ class FeedValidator:
                         expected=self.names, got=list(feeds), fix=f"pass exactly the inputs {self.names}")
 
     def _cast(self, spec: TensorSpec, dtype: np.dtype, value: np.ndarray) -> np.ndarray:
+        if value.dtype.byteorder not in "=|" and value.dtype.newbyteorder("=") == dtype:
+            # Same type in the other byte order (e.g. '>f4' from a big-endian file): swapping is
+            # exact, and "expected float32, got float32" would be no message at all.
+            return value.astype(dtype)
         if self.cast == "safe" and np.can_cast(value.dtype, dtype, casting="safe"):
             return value.astype(dtype)
         lossless = np.can_cast(value.dtype, dtype, casting="safe")
@@ -98,7 +110,12 @@ def _np_dtype(name: str) -> np.dtype:
 
 def _as_array(name: str, value: Any) -> np.ndarray:
     if hasattr(value, "__array__") or isinstance(value, (list, tuple, int, float, bool)):
-        return np.asarray(value)
+        try:
+            return np.asarray(value)
+        except (ValueError, TypeError) as exc:  # ragged nested lists, objects failing __array__
+            raise FeedError(f"input {name!r}", f"cannot be made into an array ({exc})",
+                            expected="a rectangular numpy array", got=type(value).__name__,
+                            fix="pass a numpy array with one length per axis") from None
     raise FeedError(f"input {name!r}", "is not an array", expected="numpy.ndarray", got=type(value).__name__,
                     fix="pass a numpy array (np.asarray(...))")
 

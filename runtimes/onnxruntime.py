@@ -67,10 +67,13 @@ class OnnxRuntimeRunner(Runner):
                               expected="CUDAExecutionProvider", got=active,
                               fix="check that CUDA and cuDNN libraries match onnxruntime-gpu, or use --device cpu")
         self._output_names = [o.name for o in self.session.get_outputs()]
+        # The bound C++ session skips InferenceSession.run's Python-side re-validation (done
+        # once already by FeedValidator) and its EP-failure fallback to CPU, which we never want.
+        self._sess_run = getattr(getattr(self.session, "_sess", None), "run", None) or self.session.run
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            results = self.session.run(self._output_names, feeds)
+            results = self._sess_run(self._output_names, feeds, None)
         except Exception as exc:
             raise RuntimeLoadError(f"ONNX model {self.path.name!r}", f"failed to run: {exc}") from exc
         return dict(zip(self._output_names, results))
