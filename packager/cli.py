@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -174,9 +173,7 @@ def verify(
         from packager.fidelity.report_text import print_report
 
         print_report(report, out, title=f"verify {package}")
-    # click's Exit (not typer.Exit, which this typer returns as 0 under standalone_mode=False)
-    # is what main() maps to the process exit status.
-    raise click.exceptions.Exit(int(report.exit_code))
+    raise typer.Exit(int(report.exit_code))
 
 
 @app.command()
@@ -398,16 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="packager", standalone_mode=False)
+        # Standalone mode: typer/click print their own usage errors (exit 2) and turn
+        # typer.Exit into SystemExit; our errors propagate to the handlers below.
+        command.main(args=argv, prog_name="packager", standalone_mode=True)
         return 0
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
-        err.print("aborted")
-        return 130
-    except click.ClickException as exc:
-        exc.show()
-        return int(ExitCode.USAGE)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else int(ExitCode.USAGE))
     except PackagerError as exc:
         if debug:
             err.print_exception()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from packager.errors import RuntimeLoadError
-from runtimes._torch import run_module, torch_device
+from runtimes._torch import ModuleCaller, is_unpickling_refusal, torch_device, weights_only_loads
 from runtimes.base import Runner
 
 
@@ -14,19 +14,32 @@ class TorchExportRunner(Runner):
 
     runtime = "torch_export"
     formats = ("torch_export",)
+    # An ExportedProgram's module is a plain GraphModule: forward keeps no state between calls.
+    thread_safe = True
 
     def _load(self) -> None:
+        self._device = torch_device(self.device)  # first: a missing torch becomes a DependencyError
         import torch
 
-        self._device = torch_device(self.device)
         try:
-            program = torch.export.load(str(self.path))
+            # A deployment artifact must not run pickled code: see weights_only_loads.
+            with weights_only_loads():
+                program = torch.export.load(str(self.path))
             self.module = program.module().to(self._device)
         except Exception as exc:
+            if is_unpickling_refusal(exc):
+                raise RuntimeLoadError(f"torch.export file {str(self.path)!r}", "contains pickled Python objects "
+                                       "that would run code when loaded; refused",
+                                       fix="re-export the model with 'packager export' (plain tensor weights); "
+                                           "never load .pt2 files from untrusted sources outside packager") from None
             raise RuntimeLoadError(f"torch.export file {str(self.path)!r}", f"cannot be loaded: {exc}") from exc
 
+    def _ready(self) -> None:
+        self._call = ModuleCaller(self.module, self._device, self.signature.output_names)
+
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return run_module(self.module, feeds, self._device, self.signature.output_names)
+        return self._call(feeds)
 
     def _close(self) -> None:
         self.module = None
+        self._call = None

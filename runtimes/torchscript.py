@@ -23,9 +23,9 @@ class TorchScriptRunner(Runner):
     thread_safe = True
 
     def _load(self) -> None:
+        self._device = torch_device(self.device)  # first: a missing torch becomes a DependencyError
         import torch
 
-        self._device = torch_device(self.device)
         if self.options.get("num_threads"):
             torch.set_num_threads(int(self.options["num_threads"]))
         try:
