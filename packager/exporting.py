@@ -12,7 +12,8 @@ import numpy as np
 
 from packager import __version__
 from packager.compare import compare_outputs
-from packager.errors import ExportError, FidelityError, InputError, PackagerError, SignatureError, UsageError
+from packager.errors import (ExportError, FidelityError, InputError, PackagerError, RuntimeLoadError,
+                             SignatureError, UsageError)
 from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions, detect_framework, exporter
 from packager.manifest import Artifact, Golden, Manifest, Parity, Source
 from packager.package import GOLDEN_INPUTS, GOLDEN_OUTPUTS, PackageWriter, check_destination, load_npz
@@ -120,6 +121,19 @@ def build_input_signature(loaded: LoadedModel, example: dict[str, np.ndarray], d
     return declared.model_copy(update={"inputs": specs}), example
 
 
+def widen_batch(signature: Signature, example: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Repeat a batch-1 example to two rows.
+
+    Exporters trace with the example: at batch 1, torch.export and the ONNX exporter may
+    specialise the batch axis to the constant 1, and parity at batch 1 would not notice.
+    """
+    axes = {s.name: s.batch_axis for s in signature.inputs if s.batch_axis is not None}
+    if not axes or any(example[name].shape[axis] != 1 for name, axis in axes.items()):
+        return example, []
+    widened = {name: (np.repeat(arr, 2, axis=axes[name]) if name in axes else arr) for name, arr in example.items()}
+    return widened, ["example inputs had batch 1; repeated to batch 2 so the batch axis stays dynamic"]
+
+
 def second_inputs(signature: Signature, example: dict[str, np.ndarray], seed: int) -> tuple[dict[str, np.ndarray],
                                                                                           dict[str, int], dict[str, int]]:
     """Inputs at different dynamic sizes, to tell which output axes are dynamic."""
@@ -160,6 +174,7 @@ def export(
     framework: str | None = None,
     builder: str | None = None,
     state_key: str | None = None,
+    signature_key: str | None = None,
     trust: bool = False,
     overwrite: bool = False,
     allow_mismatch: bool = False,
@@ -184,6 +199,8 @@ def export(
         framework: ``torch``, ``tensorflow`` or ``paddle`` (default: detected).
         builder: ``module:function`` returning the architecture, for weights-only saves.
         state_key: Key of the model weights inside a checkpoint dict.
+        signature_key: Signature of a SavedModel (default ``serving_default``) or tf.function of a
+            tf.Module to export.
         trust: Allow sources that unpickle arbitrary code.
         overwrite: Replace an existing package at ``out``.
         allow_mismatch: Write the package even if an artifact fails parity.
@@ -212,10 +229,12 @@ def export(
         raise UsageError("--formats", "lists a format twice", got=", ".join(formats))
 
     loaded: LoadedModel = fw.load_source(source, SourceOptions(builder=builder, state_key=state_key, trust=trust,
+                                                                signature_key=signature_key,
                                                                 extra=dict(options or {})))
     declared = parse_input_specs(input_spec)
     example = normalise_inputs(example_inputs, declared.input_names if declared else loaded.input_names)
     signature, example = build_input_signature(loaded, example, declared, seed)
+    example, notes = widen_batch(signature, example)
 
     reference = fw.run_eager(loaded, example)
     names = output_names or loaded.output_names or (
@@ -228,12 +247,16 @@ def export(
         reference_b = fw.run_eager(loaded, second)
     except Exception as exc:  # the model rejects other sizes: only the batch axis stays dynamic
         log.debug("second eager run failed (%s); output axes inferred from the batch only", exc)
-        reference_b, sizes_b = reference, sizes_a
+        reference_b, sizes_b, second = reference, sizes_a, None
     outputs = infer_output_specs(names, reference, reference_b, sizes_a, sizes_b)
     signature = signature.model_copy(update={"outputs": outputs})
     ref = dict(zip(names, reference))
 
-    ctx = ExportContext(signature=signature, example_inputs=example, opset=opset, options=dict(options or {}))
+    ctx = ExportContext(signature=signature, example_inputs=example, opset=opset, options=dict(options or {}),
+                        log=notes)
+    # Parity also runs at the second sizes: an artifact whose batch (or seq) axis was baked
+    # to the export size passes on the golden inputs but fails here.
+    extra_cases = [(second, dict(zip(names, reference_b)))] if second is not None and sizes_b != sizes_a else []
     artifacts: list[Artifact] = []
     versions = {framework: fw.framework_version()}
     with PackageWriter(out, overwrite=overwrite) as writer:
@@ -253,7 +276,8 @@ def export(
                 versions[rt] = dist_version(RUNTIME_DISTS.get(rt, rt))
             art = Artifact(format=fmt, path=spec.path, files=writer.files(fmt), runtimes=list(runtimes),
                            options=spec.options)
-            art.parity = [check_parity(writer.root / spec.path, art, signature, example, ref, atol, rtol)]
+            art.parity = [check_parity(writer.root / spec.path, art, signature, example, ref, atol, rtol,
+                                       extra_cases=extra_cases)]
             artifacts.append(art)
         golden = Golden(inputs=writer.write_npz(GOLDEN_INPUTS, example),
                         outputs=writer.write_npz(GOLDEN_OUTPUTS, ref), reference=loaded.reference)
@@ -271,19 +295,36 @@ def export(
 
 
 def check_parity(path: Path, artifact: Artifact, signature: Signature, inputs: dict[str, np.ndarray],
-                 reference: dict[str, np.ndarray], atol: Any, rtol: Any, device: str = "cpu") -> Parity:
-    """Run one artifact with its first runtime and compare with the reference."""
+                 reference: dict[str, np.ndarray], atol: Any, rtol: Any, device: str = "cpu",
+                 extra_cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = ()) -> Parity:
+    """Run one artifact with its first runtime on the golden inputs (and ``extra_cases``) and
+    compare with the reference; per output, the failing (else the worst) case is kept."""
     from runtimes import runner_class
 
     runtime = artifact.runtimes[0]
+    per_output: dict[str, Any] = {}
     try:
         with runner_class(runtime)(path, signature=signature, device=device,
                                    **artifact.options.get("runner", {})) as runner:
-            got = runner.run(inputs)
+            for case, (feeds, want) in enumerate([(inputs, reference), *extra_cases]):
+                try:
+                    got = runner.run(feeds)
+                except PackagerError as exc:
+                    shape = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+                    return Parity(runtime=runtime, device=device, passed=False,
+                                  error=f"with inputs {shape}: {exc.message}")
+                for result in compare_outputs(want, got, atol=atol, rtol=rtol):
+                    if case and result.problem:
+                        shape = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+                        result.problem = f"with inputs {shape}: {result.problem}"
+                    kept = per_output.get(result.name)
+                    if kept is None or (kept.passed and (not result.passed or
+                                                         (result.max_abs or 0) > (kept.max_abs or 0))):
+                        per_output[result.name] = result
             notes = list(runner.notes)
     except PackagerError as exc:
         return Parity(runtime=runtime, device=device, passed=False, error=exc.message)
-    results = compare_outputs(reference, got, atol=atol, rtol=rtol)
+    results = list(per_output.values())
     return Parity(runtime=runtime, device=device, passed=all(r.passed for r in results), outputs=results,
                   notes=notes)
 
@@ -299,5 +340,8 @@ def parity_error(failed: list[Artifact]) -> FidelityError:
                 if not out.passed:
                     figures = f"max abs {out.max_abs:.3g}, max rel {out.max_rel:.3g}" if out.max_abs is not None else ""
                     lines.append(f"{art.format} ({parity.runtime}) output {out.name!r}: {out.problem} {figures}".strip())
-    return FidelityError("export parity", "; ".join(lines), fix="fix the export, loosen --atol/--rtol if the error "
-                         "is expected, or pass --allow-mismatch to write the package anyway")
+    numeric = any(not o.passed for art in failed for p in art.parity for o in p.outputs)
+    # Only numbers that differ are a fidelity failure (exit 1); an artifact that cannot run is exit 4.
+    cls = FidelityError if numeric else RuntimeLoadError
+    return cls("export parity", "; ".join(lines), fix="fix the export, loosen --atol/--rtol if the error "
+               "is expected, or pass --allow-mismatch to write the package anyway")

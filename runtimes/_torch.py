@@ -2,12 +2,52 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+import threading
+from typing import Any, Iterator
 
 import numpy as np
 
 from packager.errors import ExportError, require
 from runtimes.device import Device, require_gpu
+
+
+_WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_weights_only_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Force every ``torch.load`` inside the block to ``weights_only=True``.
+
+    ``torch.export.load`` unpickles parts of a ``.pt2`` with ``weights_only=False`` (pickled
+    weights/constants, and a silent fallback for example inputs), i.e. it can run code from
+    the file. torch reads TORCH_FORCE_WEIGHTS_ONLY_LOAD at every call and then overrides even
+    an explicit ``weights_only=False``; that is the only switch that reaches those calls.
+    The variable is process-wide, so it is set under a lock and restored afterwards.
+    """
+    with _weights_only_lock:
+        previous = os.environ.get(_WEIGHTS_ONLY_ENV)
+        os.environ[_WEIGHTS_ONLY_ENV] = "1"
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(_WEIGHTS_ONLY_ENV, None)
+            else:
+                os.environ[_WEIGHTS_ONLY_ENV] = previous
+
+
+def is_unpickling_refusal(exc: BaseException) -> bool:
+    """True when ``exc`` (or its cause) is torch refusing a pickled global under weights_only."""
+    import pickle
+
+    while exc is not None:
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
 
 
 def torch_device(device: Device) -> Any:
@@ -33,14 +73,39 @@ def flatten(output: Any) -> list[Any]:
     raise ExportError("model output", "is not a tensor, tuple, list or dict of tensors", got=type(output).__name__)
 
 
-def run_module(module: Any, feeds: dict[str, np.ndarray], device: Any, names: list[str]) -> dict[str, np.ndarray]:
-    """Call ``module`` with feeds (in order) on ``device``; outputs back as numpy."""
-    import torch
+class ModuleCaller:
+    """Calls a torch module with numpy feeds; the per-call path does no imports or lookups."""
 
-    on_cpu = device.type == "cpu"
-    with torch.inference_mode():
-        # from_numpy shares memory on CPU: no copy on the hot path.
-        args = [torch.from_numpy(a) if on_cpu else torch.from_numpy(a).to(device, non_blocking=True)
-                for a in feeds.values()]
-        outputs = flatten(module(*args))
-    return {n: (t.numpy() if on_cpu else t.cpu().numpy()) for n, t in zip(names, outputs)}
+    def __init__(self, module: Any, device: Any, names: list[str]) -> None:
+        import torch
+
+        self.module = module
+        self.names = names
+        self.on_cpu = device.type == "cpu"
+        self.device = device
+        self.inference_mode = torch.inference_mode
+        self.from_numpy = torch.from_numpy
+        self.tensor_type = torch.Tensor
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from_numpy = self.from_numpy
+        try:
+            with self.inference_mode():
+                if self.on_cpu:  # from_numpy shares memory: no copy on the hot path
+                    output = self.module(*[from_numpy(a) for a in feeds.values()])
+                else:
+                    output = self.module(*[from_numpy(a).to(self.device, non_blocking=True) for a in feeds.values()])
+        except Exception as exc:  # TorchScript raises RuntimeError with the interpreter's trace
+            from packager.errors import RuntimeLoadError
+
+            lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+            shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+            raise RuntimeLoadError(f"torch module ({shapes})", f"failed to run: {lines[-1] if lines else exc}",
+                                   fix="check that the inputs fit the signature; an axis baked to the export size "
+                                       "by tracing needs --torchscript-mode script or torch_export") from exc
+        if type(output) is self.tensor_type or isinstance(output, self.tensor_type):
+            return {self.names[0]: output.numpy() if self.on_cpu else output.cpu().numpy()}
+        outputs = flatten(output)
+        if self.on_cpu:
+            return {n: t.numpy() for n, t in zip(self.names, outputs)}
+        return {n: t.cpu().numpy() for n, t in zip(self.names, outputs)}

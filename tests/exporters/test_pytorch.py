@@ -8,7 +8,8 @@ import torch
 
 import packager
 import runtimes
-from packager.errors import ExistsError, ExportError, FidelityError, SourceError, TrustRequiredError, UsageError
+from packager.errors import (ExistsError, ExportError, FidelityError, RuntimeLoadError, SourceError,
+                             TrustRequiredError, UsageError)
 from sample_models.torch_models import SmallCNN, TinyMLP, build_mlp
 
 pytestmark = pytest.mark.torch
@@ -222,3 +223,34 @@ def test_example_inputs_must_fit_input_spec(tmp_path, mlp):
 def test_unknown_format(tmp_path, mlp):
     with pytest.raises(UsageError, match="saved_model"):
         packager.export(mlp[0], mlp[1], out=tmp_path / "p", formats=["saved_model"])
+
+
+def test_batch_axis_baked_by_tracing_fails_export(tmp_path):
+    class Baked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            # int() turns the traced batch size into a constant: the TorchScript artifact then
+            # works at the export batch only, while eager works at any batch.
+            return self.fc(x).reshape(int(x.shape[0]), 2, 2)
+
+    torch.manual_seed(0)
+    example = {"x": np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)}
+    with pytest.raises(RuntimeLoadError) as info:
+        packager.export(Baked(), example, out=tmp_path / "p", formats=["torchscript"])
+    assert "torchscript" in info.value.message and "x[5, 16]" in info.value.message
+    assert info.value.exit_code == 4
+    assert not (tmp_path / "p").exists()
+
+
+def test_batch_of_one_example_is_widened(tmp_path, mlp):
+    model, example = mlp
+    result = packager.export(model, {"x": example["x"][:1]}, out=tmp_path / "p", formats=["onnx", "torch_export"])
+    assert packager.Package(result.path).golden()[0]["x"].shape[0] == 2
+    assert any("batch 1" in line for line in result.manifest.extra["export_log"])
+    x = np.random.default_rng(5).standard_normal((9, 16)).astype(np.float32)
+    for fmt in ("onnx", "torch_export"):
+        with runtimes.load(result.path, format=fmt) as runner:
+            np.testing.assert_allclose(runner.run({"x": x})["output"], _eager(model, x), atol=1e-5, rtol=1e-5)
