@@ -22,6 +22,10 @@ from rich.table import Table
 DEMOS: dict[str, str] = {
     "torch_cnn": "sample_models.torch_models:demo_cnn",
     "torch_transformer": "sample_models.torch_models:demo_transformer",
+    "keras_cnn": "sample_models.tf_models:demo_cnn",
+    "keras_two_tower": "sample_models.tf_models:demo_two_tower",
+    "paddle_lenet": "sample_models.paddle_models:demo_lenet",
+    "paddle_cnn": "sample_models.paddle_models:demo_cnn",
 }
 
 

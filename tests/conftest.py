@@ -85,6 +85,41 @@ def mlp_onnx_package(session_dir: Path) -> Path:
     return packager.export(model, example, out=session_dir / "mlp_onnx", formats=["onnx"]).path
 
 
+@pytest.fixture(scope="session")
+def keras_cnn():
+    """(trained Keras CNN with BatchNorm and Dropout, example inputs {"image": [4,16,16,3]})."""
+    pytest.importorskip("tensorflow")
+    from sample_models.tf_models import train_cnn
+
+    return train_cnn(seed=0, epochs=2, n=128)
+
+
+@pytest.fixture(scope="session")
+def keras_two_tower():
+    """(trained two-input/two-output Keras model, example inputs {"image", "tabular"})."""
+    pytest.importorskip("tensorflow")
+    from sample_models.tf_models import train_two_tower
+
+    return train_two_tower(seed=0, epochs=2, n=128)
+
+
+@pytest.fixture(scope="session")
+def keras_cnn_package(keras_cnn, session_dir: Path) -> Path:
+    """A SavedModel + ONNX package exported from the in-memory Keras CNN."""
+    import packager
+
+    model, example = keras_cnn
+    return packager.export(model, example, out=session_dir / "keras_cnn").path
+
+
+@pytest.fixture(scope="session")
+def keras_two_tower_package(keras_two_tower, session_dir: Path) -> Path:
+    import packager
+
+    model, example = keras_two_tower
+    return packager.export(model, example, out=session_dir / "keras_two_tower").path
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m packager ARGS`` in a subprocess (the real CLI, real exit codes)."""
     import sys
