@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import hashlib
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Iterator
@@ -64,6 +71,62 @@ def check_destination(dest: str | Path, overwrite: bool) -> Path:
     return dest
 
 
+def _umask() -> int:
+    # Read without os.umask(), which would briefly change it for every thread.
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def publish_mode(path: Path, *, folder: bool) -> None:
+    """Give a temporary file/folder (created 0600/0700 by tempfile) the permissions a normal
+    file/folder would get under the user's umask, before it is renamed into place."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def temp_prefix(dest: Path, kind: str = "tmp") -> str:
+    """Name prefix of a temporary sibling of ``dest``: hidden, and tagged with host and PID so a
+    later run can tell the leftovers of a killed process from a write still in progress."""
+    return f".{dest.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def sweep_stale(dest: Path) -> list[Path]:
+    """Delete temporary siblings of ``dest`` left by killed processes of this host.
+
+    Only entries whose recorded PID no longer runs on this host are removed: a write in
+    progress elsewhere (another process, another machine on a shared disk) is never touched.
+    """
+    host = socket.gethostname()
+    removed = []
+    for kind in ("tmp", "old"):
+        prefix = f".{dest.name}.{kind}-{host}-"
+        for entry in dest.parent.glob(f"{glob.escape(prefix)}*"):
+            pid_text = entry.name[len(prefix):].split("-", 1)[0]
+            if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 class PackageWriter:
     """Builds a package in a temporary folder beside ``dest`` and renames it into place.
 
@@ -75,7 +138,8 @@ class PackageWriter:
         self.dest = check_destination(dest, overwrite).absolute()
         self.overwrite = overwrite
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        sweep_stale(self.dest)
+        self.root = Path(tempfile.mkdtemp(prefix=temp_prefix(self.dest), dir=self.dest.parent))
         self._committed = False
 
     def __enter__(self) -> "PackageWriter":
@@ -102,58 +166,180 @@ class PackageWriter:
         return file_entries(self.root, target)[0]
 
     def commit(self, manifest: Manifest) -> Path:
-        """Write the manifest, flush everything and move the package into place."""
+        """Write the manifest, flush everything and move the package into place.
+
+        With ``overwrite`` the old package is swapped out in one atomic step where the
+        platform allows it (Linux ``renameat2(RENAME_EXCHANGE)``): readers and a kill at
+        any moment see either the old or the new complete package, never neither.
+        """
         (self.root / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        publish_mode(self.root, folder=True)
         _fsync_tree(self.root)
-        old = None
         if self.dest.exists():
             check_destination(self.dest, self.overwrite)
-            old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.old-", dir=self.dest.parent))
-            os.rename(self.dest, old / "pkg")
-        os.rename(self.root, self.dest)
+        replace_dir(self.root, self.dest, overwrite=self.overwrite)
         self._committed = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return self.dest
+
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)`` via libc; False where the call or flag is unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.renameat2
+    except (OSError, AttributeError):  # musl/old glibc without the wrapper
+        return False
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    if func(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    # ENOSYS: old kernel; EINVAL: the file system does not support the flag (some FUSE, NFS).
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(dst))
+
+
+#: How the last :func:`replace_dir` moved a folder into place ("exchange", "noreplace", "rename").
+last_replace_method: str = ""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(src: Path, dest: Path, *, overwrite: bool = True) -> None:
+    """Move folder ``src`` to ``dest`` (same file system), replacing a previous ``dest`` atomically.
+
+    On Linux an existing ``dest`` is swapped with ``src`` in one ``RENAME_EXCHANGE`` and the
+    old tree (now at ``src``) is deleted afterwards, so ``dest`` always holds a complete
+    package. Elsewhere it falls back to two renames: for a moment there is no ``dest`` (but
+    never a partial one) and the old tree waits in a hidden ``.NAME.old-*`` sibling.
+
+    Raises:
+        ExistsError: ``overwrite`` is false and ``dest`` exists (or appeared meanwhile).
+    """
+    global last_replace_method
+    src, dest = Path(src), Path(dest)
+    if dest.exists() and not overwrite:
+        raise ExistsError(str(dest), "appeared while the package was being written", fix="pass --overwrite, "
+                          "or choose another --out")
+    if dest.exists():
+        if _renameat2(src, dest, _RENAME_EXCHANGE):
+            last_replace_method = "exchange"
+            _fsync_dir(dest.parent)
+            shutil.rmtree(src, ignore_errors=True)  # src now holds the old package
+            return
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(dest, "old"), dir=dest.parent))
+        os.rename(dest, old / "pkg")
+        os.rename(src, dest)
+        last_replace_method = "rename"
+        _fsync_dir(dest.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    # RENAME_NOREPLACE: a package another process committed meanwhile is never clobbered.
+    try:
+        if _renameat2(src, dest, _RENAME_NOREPLACE):
+            last_replace_method = "noreplace"
+        else:
+            os.rename(src, dest)  # still refuses a non-empty dest (ENOTEMPTY)
+            last_replace_method = "rename"
+    except (FileExistsError, OSError) as exc:
+        if not dest.exists():
+            raise
+        raise ExistsError(str(dest), f"appeared while the package was being written ({exc.strerror})",
+                          fix="pass --overwrite, or choose another --out") from None
+    _fsync_dir(dest.parent)
+
+
+@dataclass(frozen=True)
+class IntegrityReport:
+    """What :meth:`Package.verify_integrity` checked."""
+
+    files: int
+    bytes: int
+    seconds: float
 
 
 class Package:
     """An exported package opened for reading.
 
     Args:
-        root: The package folder.
-        verify: Check every listed file's size and SHA-256 before anything reads it.
+        root: The package folder, or a ``.tar.gz`` from ``packager pack`` (unpacked, with
+            every safety check, into a temporary folder that lives as long as this object).
+        verify: Check every listed file's size and SHA-256, and that no unlisted file sits
+            beside them, before anything reads them.
     """
 
     def __init__(self, root: str | Path, *, verify: bool = True) -> None:
-        self.root = Path(root)
+        from packager.archive import is_archive, open_archive
+
+        #: What the user passed (folder or archive); ``root`` is where the files are.
+        self.source = Path(root)
+        self.root = self.source
+        #: The temporary unpacked copy when ``root`` is an archive (deleted with this object).
+        self.unpacked = None
+        if is_archive(self.source):
+            self.unpacked = open_archive(self.source)
+            self.root = self.unpacked.root
         if not self.root.is_dir():
-            raise InputError(str(self.root), "is not a package folder", expected="a folder with manifest.json",
+            raise InputError(str(self.root), "is not a package folder or archive",
+                             expected="a folder with manifest.json, or a .tar.gz from 'packager pack'",
                              got="missing" if not self.root.exists() else "a file",
-                             fix="pass the folder written by 'packager export'")
+                             fix="pass the folder written by 'packager export' or the archive from 'packager pack'")
         self.manifest: Manifest = load_manifest(self.root)
         if verify:
             self.verify_integrity()
 
     def resolve(self, relative: str) -> Path:
         """Absolute path of a package-relative path; refuses paths that escape the package."""
-        if os.path.isabs(relative) or ".." in Path(relative).parts:
+        if "\x00" in relative or os.path.isabs(relative) or ".." in Path(relative).parts:
             raise ManifestError(f"{MANIFEST_NAME}: path {relative!r}", "escapes the package folder",
                                 expected="a relative path inside the package", got=relative)
         return self.root / relative
 
-    def verify_integrity(self, entries: list[FileEntry] | None = None) -> None:
-        """Check that every listed file exists with its recorded size and SHA-256.
+    def verify_integrity(self, entries: list[FileEntry] | None = None) -> IntegrityReport:
+        """Check every listed file (size, SHA-256) and that no unlisted file sits beside them.
+
+        Runs before any framework sees a byte. "Beside them" means inside a folder that holds
+        listed files (an artifact folder, ``golden/``): a file dropped there (say an ONNX
+        external-data file, or extra SavedModel variables) could be read by a runtime.
 
         Raises:
-            IntegrityError: Naming the first file that is missing or differs.
+            IntegrityError: Naming the first file that is missing, differs, is a link, or is unlisted.
         """
-        for entry in entries if entries is not None else self.manifest.all_files():
+        try:
+            return self._verify_integrity(entries)
+        except OSError as exc:  # e.g. a name too long for this file system, a permission error
+            raise IntegrityError(f"package file {exc.filename!r}", f"cannot be read ({exc.strerror})",
+                                 fix="copy the whole package again, or re-export it") from None
+
+    def _verify_integrity(self, entries: list[FileEntry] | None) -> IntegrityReport:
+        started = time.perf_counter()
+        entries = entries if entries is not None else self.manifest.all_files()
+        listed = set()
+        total = 0
+        for entry in entries:
             path = self.resolve(entry.path)
-            if not path.is_file() or path.is_symlink():
-                raise IntegrityError(f"package file {entry.path!r}", "is missing" if not path.exists()
-                                     else "is not a regular file", expected="the file listed in manifest.json",
-                                     got="nothing" if not path.exists() else "a link or folder",
+            listed.add(Path(entry.path).as_posix())
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                raise IntegrityError(f"package file {entry.path!r}", "is not a regular file",
+                                     expected="the file listed in manifest.json", got="a link or folder",
+                                     fix="copy the whole package again (without links), or re-export it")
+            if not path.is_file():
+                raise IntegrityError(f"package file {entry.path!r}", "is missing",
+                                     expected="the file listed in manifest.json", got="nothing",
                                      fix="copy the whole package again, or re-export it")
             size = path.stat().st_size
             if size != entry.size:
@@ -165,6 +351,31 @@ class Package:
                 raise IntegrityError(f"package file {entry.path!r}", "fails its SHA-256 check (modified)",
                                      expected=entry.sha256[:16] + "…", got=digest[:16] + "…",
                                      fix="copy the whole package again, or re-export it")
+            total += size
+        self._check_unlisted(listed)
+        return IntegrityReport(files=len(listed), bytes=total, seconds=time.perf_counter() - started)
+
+    def _check_unlisted(self, listed: set[str]) -> None:
+        # Folders holding listed files, by their first path component ("onnx", "golden").
+        tops = {p.split("/", 1)[0] for p in listed if "/" in p}
+        for top in sorted(tops):
+            base = self.root / top
+            if base.is_symlink():
+                raise IntegrityError(f"package folder {top!r}", "is a link", expected="a real folder",
+                                     got=f"a link to {os.readlink(base)!r}", fix="copy the package without links")
+            for dirpath, dirnames, filenames in os.walk(base):
+                for name in sorted(dirnames + filenames):
+                    full = Path(dirpath) / name
+                    rel = full.relative_to(self.root).as_posix()
+                    if full.is_symlink():
+                        raise IntegrityError(f"package file {rel!r}", "is a link, which packages never contain",
+                                             expected="regular files only", got=f"a link to {os.readlink(full)!r}",
+                                             fix="copy the package without links, or re-export it")
+                    if name in filenames and rel not in listed:
+                        raise IntegrityError(f"package file {rel!r}", "is not listed in manifest.json, but sits "
+                                             "where the runtime reads files", expected="only listed files",
+                                             got="an unlisted file",
+                                             fix="remove the file, or re-export the package")
 
     def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Golden inputs and reference outputs stored at export time."""
@@ -187,4 +398,7 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def is_package(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST_NAME).is_file()
+    """True for a package folder (with ``manifest.json``) or a package archive (``.tar.gz``)."""
+    from packager.archive import is_archive
+
+    return (Path(path) / MANIFEST_NAME).is_file() or is_archive(path)

@@ -86,12 +86,14 @@ def load(path: str | Path, format: str | None = None, device: str | Device = "cp
     """Load a package (picking an artifact) or a bare artifact, and return its runner.
 
     Args:
-        path: A package folder (with ``manifest.json``) or an artifact file/folder.
+        path: A package folder (with ``manifest.json``), a package archive (``.tar.gz``) or an
+            artifact file/folder.
         format: Artifact format to use (default: the first of ONNX, TorchScript, ... the package has).
         device: ``"cpu"`` or ``"cuda[:N]"``.
         runtime: Runtime to use when the format has several (default: the first registered).
         cast: ``"strict"`` dtype checks, or ``"safe"`` to allow lossless casts.
-        verify: Check package checksums before loading (packages only).
+        verify: Check package checksums and unlisted files before loading (packages only).
+            ``False`` skips that check (a modified file then reaches the framework).
         signature: Signature for a bare artifact (packages carry their own).
         **options: Runtime-specific options.
     """
@@ -120,7 +122,12 @@ def load(path: str | Path, format: str | None = None, device: str | Device = "cp
                              expected=artifact.runtimes, got=runtime)
         cls = runner_class(runtime)
         merged = {**artifact.options.get("runner", {}), **options}
-        return cls(package.resolve(artifact.path), signature=manifest.signature, device=device, cast=cast, **merged)
+        from packager.versions import warn_version_drift
+
+        warn_version_drift(manifest, runtime)
+        runner = cls(package.resolve(artifact.path), signature=manifest.signature, device=device, cast=cast, **merged)
+        runner._package = package  # keeps an unpacked archive's temporary folder alive with the runner
+        return runner
     if not path.exists():
         raise InputError(str(path), "does not exist", fix="check the path")
     format = format or detect_format(path)

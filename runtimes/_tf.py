@@ -9,6 +9,7 @@ CLI output stay clean; the captured text is kept in :data:`IMPORT_LOG` for ``--d
 from __future__ import annotations
 
 import logging
+import importlib.util
 import os
 import sys
 import tempfile
@@ -33,6 +34,25 @@ def _quiet_python_loggers() -> None:
         pass
 
 
+def _paddle_first() -> None:
+    """Import paddle before TensorFlow when both are installed.
+
+    With paddlepaddle 3.3 and TensorFlow 2.21, importing paddle after TensorFlow crashes the
+    process (SIGSEGV); the other order works. A process that may use both (``packager demo``,
+    a verification matrix, a test session) must never pay for the order it happened to use.
+    """
+    if "paddle" in sys.modules:
+        return
+    try:
+        if importlib.util.find_spec("paddle") is None:
+            return
+        from runtimes._paddle import paddle_module
+
+        paddle_module()
+    except Exception:  # a broken or blocked paddle install must not stop TensorFlow users
+        pass
+
+
 def import_tf() -> Any:
     """Import and return ``tensorflow`` with its console noise silenced.
 
@@ -41,6 +61,7 @@ def import_tf() -> Any:
     """
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
+    _paddle_first()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     saved = None
     capture = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -26,6 +27,13 @@ def _has_gpu() -> bool:
 
 
 HAS_GPU = _has_gpu()
+
+# paddle 3.3 imported after TensorFlow 2.21 segfaults the process. Product code orders the
+# imports in runtimes._tf.import_tf; some tests import keras directly, so the session does too.
+if importlib.util.find_spec("paddle") and importlib.util.find_spec("tensorflow"):
+    from runtimes._paddle import paddle_module
+
+    paddle_module()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -61,3 +61,19 @@ def test_missing_runtime_is_a_clear_dependency_error(tmp_path):
     """).format(path=str(tmp_path / "m.pt"))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert "pip install 'packager[torch]'" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_tensorflow_then_paddle_in_one_process():
+    # paddle 3.3 imported after TensorFlow 2.21 crashes the process (SIGSEGV); import_tf
+    # imports paddle first when it is installed, so a process can use both in any order.
+    import importlib.util
+
+    import pytest
+
+    if not (importlib.util.find_spec("paddle") and importlib.util.find_spec("tensorflow")):
+        pytest.skip("needs both paddle and tensorflow")
+    script = ("from runtimes._tf import import_tf\ntf = import_tf()\nimport paddle\n"
+              "print(float((paddle.ones([2]) * 2).sum()) + float(tf.reduce_sum(tf.ones([2]))))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("6.0")

@@ -156,11 +156,24 @@ def load_source(source: Any, options: SourceOptions) -> LoadedModel:
             module = torch.jit.load(str(path), map_location="cpu")
             return _loaded(module, "torchscript", str(path), None)
         if path.suffix == ".pt2" or any("serialized_exported_program" in n for n in names):
+            from runtimes._torch import is_unpickling_refusal, weights_only_loads
+
             try:
-                program = torch.export.load(str(path))
+                # torch.export.load unpickles parts of a .pt2 with weights_only=False: without
+                # --trust every torch.load inside it is forced to weights_only.
+                with weights_only_loads() if not options.trust else contextlib.nullcontext():
+                    program = torch.export.load(str(path))
             except Exception as exc:
+                if is_unpickling_refusal(exc):
+                    raise TrustRequiredError(
+                        str(path), "is a torch.export program with pickled Python objects; loading it runs code "
+                        "from the file", fix="pass --trust if you trust its origin, or re-export it with plain "
+                        "tensor weights") from None
                 raise SourceError(str(path), f"cannot be loaded as a torch.export program ({exc})") from None
-            return _loaded(program.module(), "torch_export", str(path), None)
+            loaded = _loaded(program.module(), "torch_export", str(path), None)
+            # Re-tracing an ExportedProgram's module fails; exporters take the program itself.
+            loaded.extra["program"] = program
+            return loaded
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -204,8 +217,17 @@ def _needs_pickle(exc: Exception) -> bool:
     return "weights_only" in text or "Unsupported global" in text or "UnpicklingError" in type(exc).__name__
 
 
+def _eval(model: Any) -> None:
+    """Dropout off, BatchNorm on running statistics. A torch.export module cannot switch modes
+    (it was captured in the mode it was exported in), so it is left as is."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+
+
 def _loaded(model: Any, kind: str, path: str | None, builder: str | None) -> LoadedModel:
-    model.eval()  # Dropout off, BatchNorm uses running statistics
+    _eval(model)
     names = None
     forward = getattr(model, "forward", None)
     try:
@@ -230,7 +252,7 @@ def run_eager(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> list[np.ndar
     """Run the module in eval mode under no_grad; outputs flattened in order."""
     import torch
 
-    loaded.model.eval()
+    _eval(loaded.model)
     with torch.no_grad():
         output = loaded.model(*_tensors(loaded, feeds))
     if isinstance(output, dict) and loaded.output_names is None:
@@ -264,7 +286,7 @@ def _torchscript(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> Artifac
                               fix="use the default trace mode, or make the model scriptable") from None
     else:
         module = torch.jit.trace(loaded.model, _tensors(loaded, ctx.example_inputs), check_trace=False, strict=False)
-    module = torch.jit.freeze(module.eval()) if ctx.options.get("torchscript_freeze") else module
+    module = torch.jit.freeze(module) if ctx.options.get("torchscript_freeze") else module
     target = dest / "model.pt"
     torch.jit.save(module, str(target))
     return ArtifactSpec(path=f"{dest.name}/model.pt", options={"mode": mode if loaded.kind != "torchscript" else "as-is"})
@@ -310,7 +332,11 @@ def _onnx(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
         buf = io.StringIO()
         try:
             with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-                if dynamo:
+                if dynamo and "program" in loaded.extra:  # its dynamic shapes are baked in already
+                    torch.onnx.export(loaded.extra["program"], args, str(target), input_names=input_names,
+                                      output_names=output_names, opset_version=opset, dynamo=True,
+                                      external_data=False, optimize=True, verbose=False)
+                elif dynamo:
                     torch.onnx.export(loaded.model, args, str(target), input_names=input_names,
                                       output_names=output_names, opset_version=opset, dynamo=True,
                                       dynamic_shapes=_positional_shapes(loaded, ctx), external_data=False,
@@ -364,6 +390,9 @@ def _torch_export(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> Artifa
     import torch
 
     args = _tensors(loaded, ctx.example_inputs)
+    if "program" in loaded.extra:
+        torch.export.save(loaded.extra["program"], str(dest / "model.pt2"))
+        return ArtifactSpec(path=f"{dest.name}/model.pt2", options={"from": "source program"})
     try:
         program = torch.export.export(loaded.model, args, dynamic_shapes=_positional_shapes(loaded, ctx))
     except Exception as exc:

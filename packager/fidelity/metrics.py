@@ -1,0 +1,315 @@
+"""Per-output comparison figures and the tolerances they are judged with.
+
+Everything here is numpy only: it runs for every output of every cell, so it must stay cheap
+next to the inference it judges (one float64 pass over each array).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+#: (atol, rtol) per output dtype for a *converted* artifact (ONNX from torch/TF/Paddle): a
+#: converter reorders reductions and fuses ops, so fp32 outputs move by ~1e-6..1e-5; 1e-4
+#: absorbs that without hiding a wrong weight (a 1e-3 relative weight change moves outputs by ~1e-3).
+CONVERTED: dict[str, tuple[float, float]] = {
+    "float64": (1e-7, 1e-6),
+    "float32": (1e-4, 1e-4),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (5e-2, 5e-2),
+}
+#: A *native* artifact (TorchScript, torch.export, SavedModel) runs the framework's own kernels:
+#: errors stay at float rounding, so the bound is 10x tighter. Paddle Inference is not in this
+#: list: its IR passes fuse conv+BN and FC with oneDNN kernels, a rewrite like a conversion.
+NATIVE: dict[str, tuple[float, float]] = {
+    "float64": (1e-9, 1e-7),
+    "float32": (1e-5, 1e-5),
+    "float16": (5e-3, 5e-3),
+    "bfloat16": (3e-2, 3e-2),
+}
+#: An artifact the exporter declared as reduced precision (``options.precision``) is judged
+#: with the tolerances of that precision, whatever dtype its outputs are.
+REDUCED = {"float16": CONVERTED["float16"], "bfloat16": CONVERTED["bfloat16"]}
+#: Formats whose runtime executes the framework's own graph (no conversion).
+NATIVE_FORMATS = frozenset({"torchscript", "torch_export", "saved_model"})
+#: A cell whose worst element uses more than this share of its tolerance is "near failing".
+NEAR_FAIL = 0.5
+
+
+class Tolerance(BaseModel):
+    """The tolerance one output is judged with and where it came from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    atol: float
+    rtol: float
+    source: str  # "default float32/converted", "--atol", "noise floor 3e-6", ...
+
+
+def conversion_kind(fmt: str | None, options: Mapping[str, Any] | None = None) -> str:
+    """``reduced:<dtype>``, ``native`` or ``converted`` for an artifact format and its options."""
+    precision = str((options or {}).get("precision", "") or "")
+    if precision in REDUCED:
+        return f"reduced:{precision}"
+    if fmt in NATIVE_FORMATS:
+        return "native"
+    return "converted"
+
+
+def default_tolerance(dtype: str, kind: str = "converted") -> tuple[float, float]:
+    """(atol, rtol) for outputs of ``dtype`` from an artifact of conversion ``kind``.
+
+    Integers and bools must match exactly whatever the conversion.
+    """
+    if kind.startswith("reduced:") and dtype.startswith(("float", "bfloat")):
+        return REDUCED[kind.split(":", 1)[1]]
+    table = NATIVE if kind == "native" else CONVERTED
+    return table.get(dtype, (0.0, 0.0))
+
+
+def _pick(value: float | Mapping[str, float] | None, name: str) -> float | None:
+    if value is None or isinstance(value, (int, float)):
+        return value
+    if name in value:
+        return float(value[name])
+    return float(value["*"]) if "*" in value else None
+
+
+def resolve_tolerance(name: str, dtype: str, kind: str, atol: float | Mapping[str, float] | None = None,
+                      rtol: float | Mapping[str, float] | None = None, floor: float = 0.0) -> Tolerance:
+    """The tolerance for output ``name``: per-output override, global override, dtype default.
+
+    Args:
+        name: Output name.
+        dtype: The reference's dtype name.
+        kind: Conversion kind (:func:`conversion_kind`).
+        atol: One absolute tolerance, or per output name (``"*"`` = all others).
+        rtol: Same for the relative tolerance.
+        floor: Noise floor of a non-deterministic reference (max abs difference between two
+            reference runs); the absolute tolerance is raised to twice it.
+    """
+    d_atol, d_rtol = default_tolerance(dtype, kind)
+    a, r = _pick(atol, name), _pick(rtol, name)
+    parts = []
+    if a is None and r is None:
+        parts.append(f"default {dtype}/{kind}")
+    else:
+        parts.append(", ".join(p for p in (f"atol {a:g}" if a is not None else "",
+                                           f"rtol {r:g}" if r is not None else "") if p) + " given")
+    a = d_atol if a is None else a
+    r = d_rtol if r is None else r
+    if floor > 0 and 2 * floor > a:
+        a = 2 * floor
+        parts.append(f"noise floor {floor:.3g}")
+    return Tolerance(atol=float(a), rtol=float(r), source="; ".join(parts))
+
+
+class OutputMetrics(BaseModel):
+    """Every figure for one output of one case. Errors are candidate minus reference."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    passed: bool
+    #: ``pass``, ``numeric`` (values differ) or ``contract`` (missing, shape, dtype).
+    verdict: str
+    problem: str | None = None
+    shape: list[int] | None = None
+    dtype: str | None = None
+    reference_dtype: str | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    tolerance_source: str | None = None
+    elements: int = 0
+    max_abs: float | None = None
+    mean_abs: float | None = None
+    max_rel: float | None = None
+    p99_rel: float | None = None
+    out_of_tolerance: float | None = None  # fraction of elements
+    cosine: float | None = None
+    #: ``max |err| / (atol + rtol |ref|)``: 1.0 is the edge of failing.
+    tolerance_use: float | None = None
+    near_fail: bool = False
+    #: Smallest atol that would have passed with this rtol, and smallest rtol with this atol.
+    min_atol: float | None = None
+    min_rtol: float | None = None
+    top1_agreement: float | None = None
+    topk_agreement: float | None = None
+    k: int | None = None
+    nan_reference: int = 0
+    nan_candidate: int = 0
+    inf_reference: int = 0
+    inf_candidate: int = 0
+
+
+def _p99(rel: np.ndarray) -> float:
+    """99th percentile (nearest rank) of the finite relative errors; partition, not a sort."""
+    finite = rel[np.isfinite(rel)] if not np.isfinite(rel).all() else rel
+    if not finite.size:
+        return float(rel.max()) if rel.size else 0.0
+    k = min(finite.size - 1, int(np.ceil(0.99 * finite.size)) - 1)
+    return float(np.partition(finite, k)[k])
+
+
+def _metrics(**fields: Any) -> OutputMetrics:
+    # Values computed here are already typed: skip pydantic validation on the hot path.
+    return OutputMetrics.model_construct(**fields)
+
+
+def looks_like_scores(ref: np.ndarray) -> bool:
+    """Class scores: a float [batch, classes] array with 2..100000 classes."""
+    return ref.ndim == 2 and ref.dtype.kind == "f" and 2 <= ref.shape[1] <= 100_000 and ref.shape[0] >= 1
+
+
+def _topk(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, int]:
+    classes = ref.shape[1]
+    k = min(5, classes - 1) if classes > 2 else 1
+    top1 = float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1)))
+    # Share of the reference's top-k classes that the candidate also ranks in its top-k.
+    ref_k = np.argpartition(-ref, k - 1, axis=1)[:, :k]
+    got_k = np.argpartition(-got, k - 1, axis=1)[:, :k]
+    overlap = (ref_k[:, :, None] == got_k[:, None, :]).any(axis=2).sum(axis=1) / k
+    return top1, float(np.mean(overlap)), k
+
+
+def compare_metrics(name: str, reference: np.ndarray, candidate: np.ndarray, tol: Tolerance) -> OutputMetrics:
+    """Compare one output and compute every figure.
+
+    Shapes and dtype kinds must agree before numbers are compared (otherwise the verdict is
+    ``contract``). NaN positions and Inf positions/signs must match.
+    """
+    ref = np.asarray(reference)
+    got = np.asarray(candidate)
+    base = dict(name=name, shape=list(got.shape), dtype=got.dtype.name, reference_dtype=ref.dtype.name,
+                atol=tol.atol, rtol=tol.rtol, tolerance_source=tol.source)
+    if ref.shape != got.shape:
+        return _metrics(passed=False, verdict="contract", **base,
+                             problem=f"shape {list(got.shape)} differs from the reference {list(ref.shape)}")
+    if ref.dtype.kind != got.dtype.kind and not (ref.dtype.kind in "fc" and got.dtype.kind in "fc"):
+        return _metrics(passed=False, verdict="contract", **base,
+                             problem=f"dtype {got.dtype.name} differs from the reference {ref.dtype.name}")
+    if ref.dtype.kind not in "fc" or got.dtype.kind not in "fc":
+        # Integers and bools (class ids, masks): exact match, the figures are counts.
+        wrong = ref != got
+        n_wrong = int(wrong.sum())
+        max_abs = float(np.abs(ref.astype(np.float64) - got.astype(np.float64)).max()) if ref.size else 0.0
+        passed = n_wrong == 0 if tol.atol == 0 else max_abs <= tol.atol
+        mean_abs = float(np.abs(ref.astype(np.float64) - got).mean()) if ref.size else 0.0
+        use = (0.0 if n_wrong == 0 else float("inf")) if tol.atol == 0 else max_abs / tol.atol
+        return _metrics(passed=passed, verdict="pass" if passed else "numeric", **base, elements=int(ref.size),
+                        max_abs=max_abs, mean_abs=mean_abs, out_of_tolerance=n_wrong / max(ref.size, 1),
+                        min_atol=max_abs, min_rtol=None, tolerance_use=use,
+                        problem=None if passed else f"{n_wrong} of {ref.size} elements differ")
+    ref64 = ref.astype(np.float64, copy=False)
+    got64 = got.astype(np.float64, copy=False)
+    problems: list[str] = []
+    counts = dict(nan_reference=0, nan_candidate=0, inf_reference=0, inf_candidate=0)
+    special_bad_count = 0
+    # Fast path: all finite (the usual case) needs two reductions instead of eight masks.
+    all_finite = bool(np.isfinite(ref64).all() and np.isfinite(got64).all())
+    if all_finite:
+        r, g = ref64.ravel(), got64.ravel()
+    else:
+        nan_r, nan_g = np.isnan(ref64), np.isnan(got64)
+        inf_r, inf_g = np.isinf(ref64), np.isinf(got64)
+        counts = dict(nan_reference=int(nan_r.sum()), nan_candidate=int(nan_g.sum()),
+                      inf_reference=int(inf_r.sum()), inf_candidate=int(inf_g.sum()))
+        special_bad = nan_r != nan_g
+        if special_bad.any():
+            problems.append(f"NaN positions differ (reference {counts['nan_reference']}, candidate "
+                            f"{counts['nan_candidate']})")
+        inf_bad = (inf_r | inf_g) & ~(nan_r | nan_g) & ~((inf_r & inf_g) & (np.sign(ref64) == np.sign(got64)))
+        if inf_bad.any():
+            problems.append(f"Inf positions or signs differ at {int(inf_bad.sum())} elements")
+        special_bad_count = int((special_bad | inf_bad).sum())
+        finite = ~(nan_r | nan_g | inf_r | inf_g)
+        r, g = ref64[finite], got64[finite]
+    diff = np.abs(g - r)
+    absr = np.abs(r)
+    bound = tol.atol + tol.rtol * absr
+    out = diff > bound
+    n = int(ref.size)
+    n_out = int(out.sum()) + special_bad_count
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        rel = np.where(absr > 0, diff / absr, np.where(diff > 0, np.inf, 0.0))
+        use = diff / np.maximum(bound, np.finfo(np.float64).tiny)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = float(rel.max()) if rel.size else 0.0
+    p99_rel = _p99(rel)
+    min_atol = float(np.max(diff - tol.rtol * absr, initial=0.0))
+    over = diff > tol.atol
+    if not over.any():
+        min_rtol = 0.0
+    elif (absr[over] == 0).any():
+        min_rtol = float("inf")
+    else:
+        with np.errstate(over="ignore"):
+            min_rtol = float(np.max((diff[over] - tol.atol) / absr[over]))
+    norm = float(np.linalg.norm(r) * np.linalg.norm(g))
+    cosine = float(np.dot(r, g) / norm) if norm > 0 else (1.0 if max_abs == 0 else 0.0)
+    tolerance_use = float(use.max()) if use.size else 0.0
+    top1 = topk = k = None
+    if looks_like_scores(ref) and all_finite:
+        top1, topk, k = _topk(ref64, got64)
+    passed = n_out == 0
+    if int(out.sum()):
+        problems.append(f"{int(out.sum())} of {n} elements exceed atol {tol.atol:g} + rtol {tol.rtol:g} x |ref| "
+                        f"(max abs error {max_abs:.3g}; would pass with atol {min_atol:.3g})")
+    return _metrics(
+        passed=passed, verdict="pass" if passed else "numeric", problem="; ".join(problems) or None, **base,
+        elements=n, max_abs=max_abs, mean_abs=float(diff.mean()) if diff.size else 0.0, max_rel=max_rel,
+        p99_rel=p99_rel, out_of_tolerance=n_out / max(n, 1), cosine=cosine, tolerance_use=tolerance_use,
+        near_fail=passed and tolerance_use > NEAR_FAIL, min_atol=min_atol, min_rtol=min_rtol,
+        top1_agreement=top1, topk_agreement=topk, k=k, **counts)
+
+
+@dataclass
+class Judged:
+    """The outcome of comparing all outputs of one case."""
+
+    outputs: list[OutputMetrics]
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+
+def compare_all(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], kind: str,
+                atol: float | Mapping[str, float] | None = None, rtol: float | Mapping[str, float] | None = None,
+                floors: Mapping[str, float] | None = None) -> Judged:
+    """Compare every reference output with the candidate's output of the same name.
+
+    A reference output the candidate lacks, or a candidate output the reference lacks, is a
+    ``contract`` verdict.
+    """
+    results = []
+    for name, ref in reference.items():
+        ref_dtype = np.asarray(ref).dtype.name
+        tol = resolve_tolerance(name, ref_dtype, kind, atol, rtol, (floors or {}).get(name, 0.0))
+        if name not in candidate:
+            results.append(_metrics(name=name, passed=False, verdict="contract", atol=tol.atol, rtol=tol.rtol,
+                                         tolerance_source=tol.source, reference_dtype=ref_dtype,
+                                         problem=f"output missing from the candidate (it has {sorted(candidate)})"))
+            continue
+        results.append(compare_metrics(name, ref, candidate[name], tol))
+    for name in candidate:
+        if name not in reference:
+            results.append(_metrics(name=name, passed=False, verdict="contract",
+                                         problem="output is not in the reference"))
+    return Judged(results)
+
+
+def noise_floor(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Max abs difference per output between two runs of the same reference on the same inputs."""
+    floors = {}
+    for name, a in first.items():
+        b = second.get(name)
+        if b is None or np.shape(a) != np.shape(b) or np.asarray(a).dtype.kind not in "fc":
+            continue
+        d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        d = d[np.isfinite(d)]
+        floors[name] = float(d.max()) if d.size else 0.0
+    return floors

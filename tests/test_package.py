@@ -1,0 +1,285 @@
+"""Integrity of packages on disk: checksums, missing/unlisted/linked files, --skip-integrity,
+verify --integrity-only, atomic replacement and version drift (issue 7)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import packager.package as package_mod
+from packager.errors import ExitCode, IntegrityError, ManifestError, SchemaVersionError
+from packager.manifest import MANIFEST_NAME, SCHEMA_VERSION
+from packager.package import Package, PackageWriter, replace_dir
+from tests._integrity import copy_package, edit_manifest, tiny_torch_package
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def onnx_pkg(session_dir: Path) -> Path:
+    return tiny_torch_package(session_dir, ("onnx",))
+
+
+@pytest.fixture
+def pkg(onnx_pkg: Path, tmp_path: Path) -> Path:
+    return copy_package(onnx_pkg, tmp_path / "pkg")
+
+
+def _flip_byte(path: Path, offset: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+TAMPERS = {
+    "modified": (lambda p: _flip_byte(p / "onnx/model.onnx"), "onnx/model.onnx", "SHA-256"),
+    "truncated": (lambda p: (p / "onnx/model.onnx").write_bytes((p / "onnx/model.onnx").read_bytes()[:-10]),
+                  "onnx/model.onnx", "wrong size"),
+    "appended": (lambda p: open(p / "golden/outputs.npz", "ab").write(b"x"), "golden/outputs.npz", "wrong size"),
+    "missing": (lambda p: (p / "golden/inputs.npz").unlink(), "golden/inputs.npz", "missing"),
+    # An ONNX external-data file beside the model would be read by ONNX Runtime.
+    "unlisted": (lambda p: (p / "onnx/model.onnx.data").write_bytes(b"\0" * 64), "onnx/model.onnx.data",
+                 "not listed"),
+    "unlisted_nested": (lambda p: (p / "onnx/sub").mkdir() or (p / "onnx/sub/x.bin").write_bytes(b"1"),
+                        "onnx/sub/x.bin", "not listed"),
+    "symlinked": (lambda p: ((p / "onnx/model.onnx").rename(p / "elsewhere.onnx"),
+                             (p / "onnx/model.onnx").symlink_to(p / "elsewhere.onnx")), "onnx/model.onnx",
+                  "not a regular file"),
+    "folder_link": (lambda p: ((p / "golden").rename(p / "g2"), (p / "golden").symlink_to(p / "g2")), "golden",
+                    "link"),
+}
+
+
+@pytest.mark.parametrize("tamper", sorted(TAMPERS))
+def test_tampered_package_fails_closed_naming_the_file(pkg: Path, tamper: str) -> None:
+    change, name, words = TAMPERS[tamper]
+    change(pkg)
+    with pytest.raises(IntegrityError) as info:
+        Package(pkg)
+    assert name in info.value.message and words in info.value.message
+    assert info.value.exit_code == ExitCode.USAGE
+    # The runtime layer refuses it the same way, before building a session.
+    import runtimes
+
+    with pytest.raises(IntegrityError):
+        runtimes.load(pkg)
+
+
+def test_intact_package_passes_and_reports_what_it_checked(pkg: Path) -> None:
+    report = Package(pkg, verify=False).verify_integrity()
+    listed = Package(pkg, verify=False).manifest.all_files()
+    assert report.files == len(listed) and report.bytes == sum(f.size for f in listed)
+
+
+def test_no_framework_byte_before_the_check(pkg: Path) -> None:
+    """A tampered package is refused before onnxruntime is even imported."""
+    _flip_byte(pkg / "onnx/model.onnx")
+    code = ("import sys, runtimes\n"
+            "from packager.errors import IntegrityError\n"
+            f"try:\n    runtimes.load({str(pkg)!r})\nexcept IntegrityError as e:\n    print('refused', e.subject)\n"
+            "print('onnxruntime' in sys.modules, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split("\n")[:2] == ["refused package file 'onnx/model.onnx'", "False False"], result.stderr
+
+
+def test_cli_verify_integrity_only(pkg: Path) -> None:
+    ok = run_cli("verify", "--integrity-only", str(pkg))
+    assert ok.returncode == 0, ok.stderr
+    assert "integrity OK" in ok.stdout
+    (pkg / "onnx/model.onnx.data").write_bytes(b"planted")
+    bad = run_cli("verify", "--integrity-only", str(pkg))
+    assert bad.returncode == 2
+    assert "onnx/model.onnx.data" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_integrity_only_imports_no_framework(pkg: Path) -> None:
+    code = ("import sys\nfrom packager.cli import main\n"
+            f"rc = main(['verify', '--integrity-only', {str(pkg)!r}])\n"
+            "print(rc, sorted(m for m in ('torch', 'onnxruntime', 'tensorflow', 'paddle') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().endswith("0 []"), result.stdout + result.stderr
+
+
+def test_skip_integrity_loads_and_says_so_loudly(pkg: Path, tmp_path: Path) -> None:
+    import runtimes
+
+    (pkg / "onnx/notes.txt").write_text("an unlisted file the runtime never reads")
+    with pytest.raises(IntegrityError):
+        runtimes.load(pkg)
+    with runtimes.load(pkg, verify=False) as runner:
+        assert runner.run({"x": np.zeros((2, 16), np.float32)})["output"].shape == (2, 4)
+    np.savez(tmp_path / "in.npz", x=np.zeros((3, 16), np.float32))
+    result = run_cli("run", str(pkg), "-i", str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz"),
+                     "--skip-integrity")
+    assert "--skip-integrity" in result.stderr and "NOT" in result.stderr
+    assert result.returncode == 0, result.stderr
+    bench = ["bench", str(pkg), "--no-record", "-b", "1", "--min-time", "0.01"]
+    assert run_cli(*bench).returncode == 2
+    skipped = run_cli(*bench, "--skip-integrity")
+    assert skipped.returncode == 0 and "NOT" in skipped.stderr, skipped.stderr
+
+
+def test_paths_escaping_the_package_are_refused(pkg: Path) -> None:
+    data = json.loads((pkg / MANIFEST_NAME).read_text())
+    data["golden"]["inputs"]["path"] = "../outside.npz"
+    (pkg / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="escapes the package"):
+        Package(pkg)
+
+
+def test_newer_schema_is_refused_with_both_versions(pkg: Path) -> None:
+    edit_manifest(pkg, schema_version=SCHEMA_VERSION + 1)
+    with pytest.raises(SchemaVersionError) as info:
+        Package(pkg)
+    assert f"<= {SCHEMA_VERSION}" in info.value.message and str(SCHEMA_VERSION + 1) in info.value.message
+    result = run_cli("verify", "--integrity-only", str(pkg))
+    assert result.returncode == 2 and "schema_version" in result.stderr and "upgrade packager" in result.stderr
+
+
+def test_major_version_drift_warns_with_both_versions(pkg: Path) -> None:
+    import onnxruntime
+
+    import runtimes
+    from packager.versions import VersionDriftWarning
+
+    data = json.loads((pkg / MANIFEST_NAME).read_text())
+    edit_manifest(pkg, versions={**data["versions"], "onnxruntime": "0.9.1"})
+    with pytest.warns(VersionDriftWarning) as caught:
+        runtimes.load(pkg).close()
+    text = str(caught[0].message)
+    assert "0.9.1" in text and onnxruntime.__version__ in text
+    np.savez(pkg.parent / "in.npz", x=np.zeros((2, 16), np.float32))
+    result = run_cli("run", str(pkg), "-i", str(pkg.parent / "in.npz"), "-o", str(pkg.parent / "out.npz"), "-q")
+    assert result.returncode == 0, result.stderr
+    assert "warning" in result.stderr and "0.9.1" in result.stderr and onnxruntime.__version__ in result.stderr
+    # Same major (a minor/patch difference): silent.
+    edit_manifest(pkg, versions={**data["versions"], "onnxruntime": onnxruntime.__version__.split(".")[0] + ".0.0"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VersionDriftWarning)
+        runtimes.load(pkg).close()
+
+
+# --- atomic replacement -----------------------------------------------------------------------
+
+
+def _dir_with(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / MANIFEST_NAME).write_text(text)
+    (path / "payload.bin").write_bytes(text.encode() * 100)
+    return path
+
+
+def test_replace_dir_swaps_atomically(tmp_path: Path) -> None:
+    dest = _dir_with(tmp_path / "dest", "old")
+    new = _dir_with(tmp_path / ".dest.tmp-1", "new")
+    replace_dir(new, dest)
+    assert (dest / MANIFEST_NAME).read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]  # the old tree is gone
+    if sys.platform.startswith("linux"):
+        assert package_mod.last_replace_method == "exchange"
+
+
+def test_replace_dir_fallback_without_renameat2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(package_mod, "_renameat2", lambda *a: False)  # e.g. macOS, or NFS
+    dest = _dir_with(tmp_path / "dest", "old")
+    replace_dir(_dir_with(tmp_path / ".dest.tmp-1", "new"), dest)
+    assert (dest / MANIFEST_NAME).read_text() == "new" and package_mod.last_replace_method == "rename"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+    replace_dir(_dir_with(tmp_path / ".other.tmp-1", "first"), tmp_path / "other")
+    assert (tmp_path / "other" / MANIFEST_NAME).read_text() == "first"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RENAME_EXCHANGE is Linux-only")
+def test_readers_never_see_a_missing_package_during_overwrite(tmp_path: Path) -> None:
+    """200 overwrites while a reader polls: the destination's manifest is always there."""
+    dest = _dir_with(tmp_path / "dest", "v0")
+    stop = threading.Event()
+    misses: list[int] = []
+    reads = [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                (dest / MANIFEST_NAME).read_text()
+                reads[0] += 1
+            except FileNotFoundError:
+                misses.append(1)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(200):
+            replace_dir(_dir_with(tmp_path / f".dest.tmp-{i}", f"v{i + 1}"), dest)
+    finally:
+        stop.set()
+        thread.join()
+    assert not misses and reads[0] > 0
+    assert (dest / MANIFEST_NAME).read_text() == "v200"
+
+
+def _tiny_manifest(writer: PackageWriter, payload: bytes) -> "Manifest":
+    from packager.manifest import Artifact, Golden, Manifest, Source
+    from packager.signature import Signature, TensorSpec
+
+    writer.path("onnx/model.onnx").write_bytes(payload)
+    return Manifest(name="t", packager_version="0", versions={},
+                    source=Source(framework="torch", framework_version="2", kind="in_memory"),
+                    signature=Signature(inputs=[TensorSpec(name="x", dtype="float32", shape=("batch", 16))],
+                                        outputs=[TensorSpec(name="y", dtype="float32", shape=("batch", 4))]),
+                    artifacts=[Artifact(format="onnx", path="onnx/model.onnx", files=writer.files("onnx"),
+                                        runtimes=["onnxruntime"])],
+                    golden=Golden(inputs=writer.write_npz("golden/inputs.npz", {"x": np.zeros((1, 16))}),
+                                  outputs=writer.write_npz("golden/outputs.npz", {"y": np.zeros((1, 4))}),
+                                  reference="test"))
+
+
+def test_writer_never_clobbers_a_package_that_appeared_meanwhile(tmp_path: Path) -> None:
+    from packager.errors import ExistsError
+
+    dest = tmp_path / "dest"
+    with pytest.raises(ExistsError):
+        with PackageWriter(dest) as writer:
+            manifest = _tiny_manifest(writer, b"ours")
+            _dir_with(dest, "theirs")  # another process commits first
+            writer.commit(manifest)
+    assert (dest / MANIFEST_NAME).read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]  # our temp folder is gone
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux-only")
+def test_noreplace_rename_refuses_an_existing_destination(tmp_path: Path) -> None:
+    dest = _dir_with(tmp_path / "dest", "theirs")
+    with pytest.raises(FileExistsError):
+        package_mod._renameat2(_dir_with(tmp_path / "src", "ours"), dest, package_mod._RENAME_NOREPLACE)
+    assert (dest / MANIFEST_NAME).read_text() == "theirs"
+
+
+def test_overwrite_export_keeps_a_complete_package(tmp_path: Path) -> None:
+    dest = tmp_path / "pkg"
+    for payload in (b"first" * 1000, b"second" * 1000):
+        with PackageWriter(dest, overwrite=True) as writer:
+            writer.commit(_tiny_manifest(writer, payload))
+        assert Package(dest).resolve("onnx/model.onnx").read_bytes() == payload
+        assert dest.stat().st_mode & 0o777 == 0o777 & ~package_mod._umask()  # not tempfile's 0700
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+def test_integrity_check_cost_per_megabyte(tmp_path: Path) -> None:
+    """The check is hashing-bound: report the figure (MB/s) and keep it sane (> 50 MB/s)."""
+    with PackageWriter(tmp_path / "big") as writer:
+        path = writer.commit(_tiny_manifest(writer, os.urandom(32 * 1024 * 1024)))
+    started = time.perf_counter()
+    report = Package(path).verify_integrity()
+    seconds = time.perf_counter() - started
+    rate = report.bytes / 1e6 / seconds
+    print(f"integrity check: {report.bytes / 1e6:.1f} MB in {seconds * 1000:.0f} ms = {rate:.0f} MB/s "
+          f"({seconds * 1000 / (report.bytes / 1e6):.2f} ms per MB)")
+    assert rate > 50
