@@ -31,6 +31,28 @@ _state = {"debug": False}
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and converter logs.")) -> None:
     _state["debug"] = debug
+    _print_packager_warnings()
+
+
+def _print_packager_warnings() -> None:
+    """Show packager's own warnings (version drift, ...) as one 'warning' line, not file:line noise."""
+    import warnings
+
+    shown = warnings.showwarning
+    if getattr(shown, "_packager", False):
+        return
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: Any = None) -> None:
+        if category.__module__.startswith("packager"):
+            from rich.markup import escape
+
+            err.print(f"[bold yellow]warning[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show._packager = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 def _split(values: Optional[list[str]]) -> list[str]:
@@ -204,7 +226,8 @@ def run(
     allow_nan: bool = typer.Option(False, "--allow-nan", help="Accept NaN/inf in float inputs."),
     shard_rows: Optional[int] = typer.Option(None, "--shard-rows", help="Input rows per output shard (resume "
                                              "granularity; default ~32 MB of output)."),
-    threads: int = typer.Option(1, "--threads", help="Inference threads (local engine)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Inference threads, local engine (default: one "
+                                          "per CPU up to 4 for thread-safe runtimes, each with its own batch)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     progress_log: Optional[str] = typer.Option(None, "--progress-log", help="Write JSON-lines progress to this "
                                                "file ('-': stderr; the default when stderr is not a terminal)."),
@@ -256,8 +279,12 @@ def bench(
     record: bool = typer.Option(True, "--record/--no-record", help="Record the fastest choice for "
                                 "'packager run --runtime auto' (in the user cache folder, not the package)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    skip_integrity: bool = typer.Option(False, "--skip-integrity", help="Do NOT check file checksums before "
+                                        "loading (a modified or corrupted file reaches the framework)."),
 ) -> None:
     """Latency (p50/p90/p99) and throughput of each artifact x runtime x device x batch size."""
+    if skip_integrity:
+        _warn_skip_integrity(package)
     from packager.bench import bench as do_bench
 
     sizes: list[int] = []
@@ -268,7 +295,8 @@ def bench(
             raise UsageError(f"--batch-sizes {value!r}", "is not an integer", expected="e.g. 1,32,256",
                              got=value) from None
     report = do_bench(package, formats=_split(formats) or None, runtimes=_split(runtime) or None,
-                      devices=_split(device) or ["cpu"], batch_sizes=sizes or None, min_time=min_time, record=record)
+                      devices=_split(device) or ["cpu"], batch_sizes=sizes or None, min_time=min_time, record=record,
+                      verify=not skip_integrity)
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
         return
@@ -325,7 +353,7 @@ def pack(
     from packager.archive import pack as do_pack
 
     result = do_pack(package, out_file, overwrite=overwrite)
-    out.print(f"[bold]packed[/] {result.files} files ({_human(result.bytes)}) into {result.path} "
+    out.print(f"[bold]packed[/] {result.files} files ({_human(result.bytes)}) into {_esc(result.path)} "
               f"({_human(result.path.stat().st_size)})")
 
 
@@ -334,12 +362,18 @@ def _integrity_only(package: Path) -> None:
     from packager.package import Package
 
     report = Package(package, verify=False).verify_integrity()
-    out.print(f"[green]integrity OK[/] {package}: {report.files} files, {_human(report.bytes)}, "
+    out.print(f"[green]integrity OK[/] {_esc(package)}: {report.files} files, {_human(report.bytes)}, "
               f"SHA-256 checked in {report.seconds:.2f} s")
 
 
+def _esc(value: Any) -> str:
+    from rich.markup import escape
+
+    return escape(str(value))  # a path with '[' must not be read as markup
+
+
 def _warn_skip_integrity(package: Path) -> None:
-    err.print(f"[bold yellow]WARNING --skip-integrity[/]: the size and SHA-256 of the files of {package} are NOT "
+    err.print(f"[bold yellow]WARNING --skip-integrity[/]: the size and SHA-256 of the files of {_esc(package)} are NOT "
               "checked, nor is the package checked for unlisted files; a modified, truncated or planted file "
               "will be handed to the framework as is. Use only on a package you just verified.",
               highlight=False)

@@ -1,6 +1,11 @@
-"""``packager run``: batch inference over .npy/.npz inputs with a runner.
+"""Batch inference: streaming, resumable ``packager run`` with a local or a Ray engine.
 
-This is the simple in-memory path; streaming, resume and Ray grow from here.
+``run_dataset`` is the full pipeline behind ``packager run``. ``read_inputs`` and
+``run_batches`` are the small in-memory helpers for arrays already in memory (the demo uses
+them). Submodules: :mod:`~packager.batch.io` (readers/writers), :mod:`~packager.batch.core`
+(per-chunk validation and inference), :mod:`~packager.batch.journal` (resume),
+:mod:`~packager.batch.sink` (shards and final output), :mod:`~packager.batch.pipeline` (local
+engine), :mod:`~packager.batch.ray_engine` (Ray Data engine).
 """
 
 from __future__ import annotations
@@ -14,9 +19,20 @@ from packager.errors import InputError
 from packager.package import load_npz
 from packager.signature import Signature
 
+__all__ = ["read_inputs", "run_batches", "run_dataset", "RunConfig", "RunSummary"]
+
+
+def __getattr__(name: str) -> Any:
+    # The pipeline pulls in threads, rich and (for Parquet) pyarrow: import it only when used.
+    if name in ("run_dataset", "RunConfig", "RunSummary"):
+        from packager.batch import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(name)
+
 
 def read_inputs(path: str | Path, signature: Signature) -> dict[str, np.ndarray]:
-    """Inputs from ``.npy`` (single-input models) or ``.npz`` (keys = input names)."""
+    """Inputs from ``.npy`` (single-input models, memory-mapped) or ``.npz`` (keys = input names)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(str(path), "does not exist", fix="pass an existing .npy or .npz file")
@@ -35,7 +51,7 @@ def read_inputs(path: str | Path, signature: Signature) -> dict[str, np.ndarray]
 
 
 def run_batches(runner: Any, inputs: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    """Run ``inputs`` through ``runner`` in batches along each input's batch axis."""
+    """Run in-memory ``inputs`` through ``runner`` in batches along each input's batch axis."""
     if batch_size < 1:
         raise InputError("--batch-size", "must be at least 1", got=batch_size)
     specs = {s.name: s for s in runner.input_specs}

@@ -1,0 +1,405 @@
+"""``packager run``: streaming, resumable batch inference with the local or the Ray engine.
+
+The local engine overlaps the three stages with bounded queues, so memory stays flat and the
+runtime never waits on I/O::
+
+    reader thread --(prefetch queue)--> inference (1..N threads) --(write queue)--> writer thread
+
+The reader streams chunks (memory-mapped ``.npy``, sequential ``.npz`` members, Parquet row
+groups); the writer cuts journalled shards; the final output appears with one rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from packager.batch.core import ChunkResult, ChunkRunner, default_batch_size, fixed_batch_size
+from packager.batch.io import Dataset, open_dataset
+from packager.batch.journal import Journal
+from packager.batch.progress import Progress
+from packager.batch.sink import OutputSink, check_output, resolve_output
+from packager.errors import PackagerError, UsageError
+
+ENGINES = ("local", "ray")
+_END = object()
+
+
+@dataclass
+class RunConfig:
+    """Options of a run (the CLI's flags).
+
+    Attributes:
+        batch_size: Rows per runtime call (None: chosen from the signature and model size).
+        on_error: ``fail`` or ``skip`` (bad rows go to the rejects file).
+        allow_nan: Accept NaN/inf in float inputs.
+        id_column: Input column carried through to the output.
+        output_format: ``npz``/``parquet``/``npy``; default from the output's suffix.
+        rejects: Rejects file (default ``OUTPUT.rejects.jsonl``; only with ``on_error="skip"``).
+        overwrite: Replace an existing output.
+        shard_rows: Input rows per output shard (resume granularity; default by size).
+        threads: Inference threads (None: one per CPU, up to 4, for thread-safe runners; else 1).
+        prefetch: Chunks read ahead of inference.
+        progress_bar: Show a rich progress bar on stderr.
+        progress_log: JSON-lines progress log: a path or ``"-"`` (stderr).
+        engine: ``local`` or ``ray``.
+        address: Ray cluster address (``ray`` engine; default: start a local instance).
+        num_workers: Ray actors (default: one per CPU, or per GPU with ``cuda``).
+    """
+
+    batch_size: int | None = None
+    on_error: str = "fail"
+    allow_nan: bool = False
+    id_column: str | None = None
+    output_format: str | None = None
+    rejects: Path | None = None
+    overwrite: bool = False
+    shard_rows: int | None = None
+    threads: int | None = None
+    prefetch: int = 4
+    progress_bar: bool = False
+    progress_log: str | None = None
+    engine: str = "local"
+    address: str | None = None
+    num_workers: int | None = None
+
+
+@dataclass
+class RunSummary:
+    """What a run did."""
+
+    output: str
+    rows: int
+    written: int
+    rejected: int
+    resumed_from: int
+    seconds: float
+    batch_size: int
+    format: str
+    runtime: str
+    device: str
+    engine: str
+    rejects: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rows_per_s(self) -> float:
+        return (self.rows - self.resumed_from) / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rows_per_s": round(self.rows_per_s, 1)}
+
+
+def run_dataset(package: str | Path, input_path: str | Path, output: str | Path, *, format: str | None = None,
+                runtime: str | None = None, device: str = "cpu", cast: str = "strict",
+                config: RunConfig | None = None, verify: bool = True) -> RunSummary:
+    """Apply a package (or bare artifact) to a dataset and write the outputs.
+
+    Restarting with the same arguments after a kill resumes from the last journalled shard.
+
+    Args:
+        package: Package folder or artifact.
+        input_path: ``.npy``/``.npz``/``.parquet`` file or a folder of shards.
+        output: ``.npz``/``.parquet``/``.npy`` file, or a folder (``dir/``) of shards.
+        format: Artifact format (default: ONNX if present).
+        runtime: Runtime name, or ``"auto"`` for the fastest one ``packager bench`` recorded.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        cast: ``strict`` or ``safe`` dtype policy.
+        config: Everything else (:class:`RunConfig`).
+        verify: Check the package's checksums before loading it.
+
+    Raises:
+        PackagerError: Bad arguments, inputs, or a failing runtime; nothing is left half-written.
+    """
+    import runtimes
+    from runtimes.device import parse_device
+
+    config = config or RunConfig()
+    from packager.archive import is_archive, open_archive
+
+    if is_archive(package):
+        # A .tar.gz from 'packager pack': unpack once (bounded, checked) and run from that folder;
+        # ``unpacked`` lives until this function returns, then the temporary copy is deleted.
+        unpacked = open_archive(package)
+        package = unpacked.root
+    if config.engine not in ENGINES:
+        raise UsageError("--engine", "is unknown", expected=" or ".join(ENGINES), got=config.engine)
+    if config.batch_size is not None and config.batch_size < 1:
+        raise UsageError("--batch-size", "must be at least 1", got=config.batch_size)
+    if config.threads is not None and config.threads < 1:
+        raise UsageError("--threads", "must be at least 1", got=config.threads)
+    started = time.perf_counter()
+    notes: list[str] = []
+    dev = parse_device(device)
+    if runtime == "auto":
+        from packager.bench import auto_choice
+
+        format, runtime, note = auto_choice(package, format, str(dev))
+        notes.append(note)
+    # The Ray driver only needs the signature; its actors load the artifact on their device.
+    load_device = "cpu" if config.engine == "ray" else dev
+    threads, options = _parallelism(package, format, runtime, config.threads, config.engine)
+    runner = runtimes.load(package, format=format, device=load_device, runtime=runtime, cast=cast, verify=verify,
+                           **options)
+    try:
+        format_used = _artifact_format(package, runner)
+        signature = runner.signature
+        if config.id_column and config.id_column in signature.output_names + signature.input_names:
+            raise UsageError("--id-column", "has the name of a model input or output", got=config.id_column,
+                             fix="rename the id column")
+        dataset = open_dataset(input_path, signature, config.id_column)
+        out = resolve_output(Path(output), config.output_format, dataset.kind, config.on_error, config.rejects)
+        if out.fmt == "npy" and (len(signature.outputs) != 1 or config.id_column):
+            raise UsageError(f"--output {out.path}", "a .npy holds one array, but the run writes several",
+                             expected="one output and no --id-column", got=signature.output_names +
+                             ([config.id_column] if config.id_column else []), fix="write .npz or .parquet")
+        batch_size = config.batch_size or default_batch_size(signature, _model_bytes(package))
+        fixed = fixed_batch_size(signature)
+        if fixed is not None and batch_size % fixed:
+            batch_size = -(-batch_size // fixed) * fixed  # whole fixed-size batches; the last one is padded
+            notes.append(f"batch size rounded up to {batch_size}, a multiple of the artifact's fixed batch {fixed}")
+        fingerprint = {"model": _model_identity(package, runner), "format": format_used, "runtime": runner.runtime,
+                       "device": str(dev), "cast": cast, "input": dataset.identity(), "batch_size": batch_size,
+                       "on_error": config.on_error, "allow_nan": config.allow_nan, "id_column": config.id_column,
+                       "output_format": out.fmt, "shard_rows": config.shard_rows}
+        # Engine and thread counts are left out on purpose: they change how rows are scheduled, not
+        # which rows form a batch, so a run may resume on another engine or with other --threads.
+        journal = Journal(out.path, fingerprint)
+        summary = RunSummary(str(out.path), dataset.rows, 0, 0, 0, 0.0, batch_size, format_used, runner.runtime,
+                             str(dev), config.engine, str(out.rejects) if out.rejects else None, notes)
+        if _finish_if_already_placed(journal, out, dataset.rows, config.overwrite):
+            summary.resumed_from = dataset.rows
+            summary.written = sum(e.rows for e in journal.entries)
+            summary.rejected = sum(e.rejects for e in journal.entries)
+            summary.notes.append("the output was already complete; cleaned up the journal")
+            return summary
+        resumable = journal.exists() and journal.matches()
+        check_output(out, config.overwrite, resuming=resumable)
+        journal.open(config.overwrite)
+        start = journal.resume_row
+        summary.resumed_from = start
+        sink = OutputSink(out, journal, config.shard_rows, config.id_column)
+        chunk_runner = ChunkRunner(runner, config.on_error, config.allow_nan)
+        progress = Progress(dataset.rows, start, bar=config.progress_bar, log=config.progress_log)
+        try:
+            if config.engine == "ray":
+                from packager.batch.ray_engine import ray_results
+
+                runner.close()  # the driver's copy is not needed while the actors run
+                results = ray_results(package, dataset, start, batch_size, format=format_used,
+                                      runtime=summary.runtime, device=str(dev), cast=cast, config=config,
+                                      signature=signature, verify=verify)
+            else:
+                results = local_results(chunk_runner, dataset, start, batch_size, threads, config.prefetch)
+            if dataset.rows == 0:
+                results = iter([ChunkResult(0, 0, chunk_runner.empty_outputs())])
+            _drive(results, sink, progress)
+            sink.finalize()
+        finally:
+            sink.close()
+            journal.close()
+            summary.written = sum(e.rows for e in journal.entries)
+            summary.rejected = sum(e.rejects for e in journal.entries)
+            summary.seconds = time.perf_counter() - started
+            progress.close(written=summary.written, output=str(out.path))
+        return summary
+    finally:
+        runner.close()
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _parallelism(package: str | Path, format: str | None, runtime: str | None, threads: int | None,
+                 engine: str) -> tuple[int, dict[str, Any]]:
+    """Inference threads and runner options for the local engine.
+
+    Batch inference parallelises best across batches: each thread runs its own batch with a
+    single-threaded ONNX Runtime session, instead of one batch at a time split across cores
+    (whose per-operator synchronisation dominates for small and medium models and suffers
+    badly when other processes share the cores). Runners that are not thread-safe get one
+    thread and their own defaults.
+    """
+    import runtimes
+    from packager.package import is_package
+
+    if engine != "local":
+        return 1, {}
+    try:
+        if is_package(package):
+            from packager.manifest import load_manifest
+
+            manifest = load_manifest(package)
+            fmt = format or next((f for f in runtimes.FORMAT_PREFERENCE if f in manifest.formats
+                                  and (runtime is None or runtime in runtimes.FORMAT_RUNTIMES.get(f, ()))), None)
+            name = runtime or (manifest.artifact(fmt).runtimes[0] if fmt else None)
+        else:
+            fmt = format or runtimes.detect_format(package)
+            name = runtime or runtimes.FORMAT_RUNTIMES.get(fmt, (None,))[0]
+        safe = bool(name) and runtimes.runner_class(name).thread_safe
+    except (PackagerError, KeyError):
+        return threads or 1, {}  # runtimes.load reports the real problem next
+    cpus = _cpus()
+    if threads is None:
+        threads = min(cpus, 4) if safe else 1
+    options: dict[str, Any] = {}
+    if name == "onnxruntime":
+        options["intra_op_num_threads"] = max(1, cpus // threads)
+    return threads, options
+
+
+def _finish_if_already_placed(journal: Journal, out: Any, rows: int, overwrite: bool) -> bool:
+    """A run killed after its final rename but before dropping the journal: finish the cleanup."""
+    if overwrite or not out.path.exists() or not journal.exists() or not journal.matches():
+        return False
+    _, records = journal._read()
+    shards = [r for r in records if "shard" in r]
+    if not shards or shards[-1]["end"] != rows:
+        return False
+    if out.is_dir and journal.data_dir.exists():
+        return False  # the shard folder was never renamed: not finished
+    from packager.batch.journal import ShardEntry
+
+    journal.entries = [ShardEntry.from_dict(r) for r in shards]
+    journal.remove()
+    return True
+
+
+def local_results(chunk_runner: ChunkRunner, dataset: Dataset, start: int, batch_size: int, threads: int = 1,
+                  prefetch: int = 4) -> Iterator[ChunkResult]:
+    """Results in row order, reading ahead on a thread and inferring on ``threads`` threads."""
+    chunks: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for chunk in dataset.iter_chunks(start, batch_size, chunk_runner.signature):
+                while not stop.is_set():
+                    try:
+                        chunks.put(chunk, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            chunks.put(_END)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            chunks.put(_Failure(exc))
+
+    thread = threading.Thread(target=reader, name="packager-reader", daemon=True)
+    thread.start()
+
+    def items() -> Iterator[Any]:
+        while True:
+            item = chunks.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+
+    try:
+        if threads == 1:
+            for chunk in items():
+                yield chunk_runner.run_chunk(chunk)
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="packager-infer") as pool:
+                pending: deque[Any] = deque()
+                for chunk in items():
+                    pending.append(pool.submit(chunk_runner.run_chunk, chunk))
+                    if len(pending) >= threads + 1:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                chunks.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _drive(results: Iterator[ChunkResult], sink: OutputSink, progress: Progress) -> None:
+    """Feed results to the sink on a writer thread, so writing overlaps inference."""
+    pending: queue.Queue[Any] = queue.Queue(maxsize=4)
+    failure: list[BaseException] = []
+
+    def writer() -> None:
+        while True:
+            item = pending.get()
+            if item is _END:
+                return
+            if failure:
+                continue  # keep draining so the producer never blocks
+            try:
+                sink.add(item)
+                progress.update(item.rows, len(item.rejects))
+            except BaseException as exc:
+                failure.append(exc)
+
+    thread = threading.Thread(target=writer, name="packager-writer", daemon=True)
+    thread.start()
+    try:
+        for result in results:
+            if failure:
+                break
+            pending.put(result)
+    finally:
+        pending.put(_END)
+        thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _artifact_format(package: str | Path, runner: Any) -> str:
+    from packager.package import is_package
+
+    if is_package(package):
+        from packager.manifest import load_manifest
+
+        manifest = load_manifest(package)
+        for art in manifest.artifacts:
+            if Path(package, art.path).resolve() == Path(runner.path).resolve():
+                return art.format
+    return type(runner).formats[0]
+
+
+def _model_identity(package: str | Path, runner: Any) -> str:
+    """SHA-256 of the manifest (packages) or size+mtime of a bare artifact."""
+    from packager.manifest import MANIFEST_NAME
+    from packager.package import is_package
+
+    if is_package(package):
+        return hashlib.sha256(Path(package, MANIFEST_NAME).read_bytes()).hexdigest()
+    st = Path(runner.path).stat()
+    return f"{Path(runner.path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _model_bytes(package: str | Path) -> int:
+    from packager.package import is_package
+
+    path = Path(package)
+    if is_package(path):
+        from packager.manifest import load_manifest
+
+        return max((sum(f.size for f in a.files) for a in load_manifest(path).artifacts), default=0)
+    return path.stat().st_size if path.is_file() else 0
