@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,10 +26,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A package-relative path: 255 characters per component and 1024 in all. Longer names cannot
+# exist on common file systems, so a manifest naming one is malformed, not a missing file.
+RelPath = Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[^/\x00]{1,255}(/[^/\x00]{1,255})*$")]
+
+
 class FileEntry(_Model):
     """One file of the package with its checksum."""
 
-    path: str = Field(min_length=1)
+    path: RelPath
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
 
@@ -61,7 +66,7 @@ class Artifact(_Model):
     """One exported format."""
 
     format: str
-    path: str = Field(min_length=1, description="File or folder the runtime loads, relative to the package.")
+    path: RelPath = Field(description="File or folder the runtime loads, relative to the package.")
     files: list[FileEntry]
     runtimes: list[str] = Field(min_length=1)
     options: dict[str, Any] = Field(default_factory=dict)

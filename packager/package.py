@@ -331,29 +331,38 @@ class Package:
         listed = set()
         total = 0
         for entry in entries:
-            path = self.resolve(entry.path)
+            try:
+                total += self._check_file(entry)
+            except OSError as exc:  # unreadable, name too long for this file system, ...
+                raise IntegrityError(f"package file {entry.path!r}", f"cannot be read ({exc.strerror or exc})",
+                                     expected="a readable file listed in manifest.json", got=type(exc).__name__,
+                                     fix="copy the whole package again, or re-export it") from None
             listed.add(Path(entry.path).as_posix())
-            if path.is_symlink() or (path.exists() and not path.is_file()):
-                raise IntegrityError(f"package file {entry.path!r}", "is not a regular file",
-                                     expected="the file listed in manifest.json", got="a link or folder",
-                                     fix="copy the whole package again (without links), or re-export it")
-            if not path.is_file():
-                raise IntegrityError(f"package file {entry.path!r}", "is missing",
-                                     expected="the file listed in manifest.json", got="nothing",
-                                     fix="copy the whole package again, or re-export it")
-            size = path.stat().st_size
-            if size != entry.size:
-                raise IntegrityError(f"package file {entry.path!r}", "has the wrong size (modified or truncated)",
-                                     expected=f"{entry.size} bytes", got=f"{size} bytes",
-                                     fix="copy the whole package again, or re-export it")
-            digest = sha256_file(path)
-            if digest != entry.sha256:
-                raise IntegrityError(f"package file {entry.path!r}", "fails its SHA-256 check (modified)",
-                                     expected=entry.sha256[:16] + "…", got=digest[:16] + "…",
-                                     fix="copy the whole package again, or re-export it")
-            total += size
         self._check_unlisted(listed)
         return IntegrityReport(files=len(listed), bytes=total, seconds=time.perf_counter() - started)
+
+    def _check_file(self, entry: FileEntry) -> int:
+        """Check one listed file; return its size."""
+        path = self.resolve(entry.path)
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise IntegrityError(f"package file {entry.path!r}", "is not a regular file",
+                                 expected="the file listed in manifest.json", got="a link or folder",
+                                 fix="copy the whole package again (without links), or re-export it")
+        if not path.is_file():
+            raise IntegrityError(f"package file {entry.path!r}", "is missing",
+                                 expected="the file listed in manifest.json", got="nothing",
+                                 fix="copy the whole package again, or re-export it")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise IntegrityError(f"package file {entry.path!r}", "has the wrong size (modified or truncated)",
+                                 expected=f"{entry.size} bytes", got=f"{size} bytes",
+                                 fix="copy the whole package again, or re-export it")
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            raise IntegrityError(f"package file {entry.path!r}", "fails its SHA-256 check (modified)",
+                                 expected=entry.sha256[:16] + "…", got=digest[:16] + "…",
+                                 fix="copy the whole package again, or re-export it")
+        return size
 
     def _check_unlisted(self, listed: set[str]) -> None:
         # Folders holding listed files, by their first path component ("onnx", "golden").

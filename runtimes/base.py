@@ -48,7 +48,12 @@ class Runner(ABC):
         self.notes: list[str] = []
         self._closed = False
         self._lock = threading.Lock()
-        if not self.path.exists():
+        try:
+            exists = self.path.exists()
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise RuntimeLoadError(f"artifact {str(self.path)[:200]!r}", f"cannot be accessed ({exc.strerror})",
+                                   fix="check the path") from None
+        if not exists:
             raise RuntimeLoadError(f"artifact {str(self.path)!r}", "does not exist", fix="check the path")
         self._load()
         self.signature = signature if signature is not None else self._native_signature()

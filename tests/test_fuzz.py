@@ -8,6 +8,7 @@ import contextlib
 import copy
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,10 @@ from packager.errors import ExitCode, FeedError, PackagerError
 from packager.manifest import MANIFEST_NAME, SCHEMA_VERSION, parse_manifest
 from tests._integrity import copy_package, tiny_torch_package
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                        HealthCheck.data_too_large])
+# Each manifest example runs two CLI commands and a runtime load: 50 examples keep the default
+# suite within its budget; PACKAGER_FUZZ_EXAMPLES=500 for a deeper run.
+FUZZ = settings(max_examples=int(os.environ.get("PACKAGER_FUZZ_EXAMPLES", "50")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +142,7 @@ def test_manifest_fuzz_never_crashes(base_manifest: dict, scratch: Path) -> None
             assert exc.exit_code in (ExitCode.USAGE, ExitCode.RUNTIME), exc.message
 
     check()
-    assert seen["rejected"] > 20  # the fuzzer does reach the error paths
+    assert seen["rejected"] > 10  # the fuzzer does reach the error paths
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"\xff\xfe\x00garbage", b"[1, 2]", b'"text"', b"null", b"1e999",

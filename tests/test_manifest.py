@@ -41,6 +41,9 @@ def test_newer_schema_is_refused_with_versions(torch_cnn_package):
     (lambda d: d["artifacts"][0]["files"][0].update(sha256="xyz"), "artifacts.0.files.0.sha256"),
     (lambda d: d["signature"]["inputs"][0].update(dtype="float99"), "signature.inputs.0.dtype"),
     (lambda d: d.update(surprise=1), "surprise"),
+    # found by tests/test_fuzz.py: a name longer than the file system allows crashed the stat
+    (lambda d: d["artifacts"][0]["files"][0].update(path="x" * 300), "artifacts.0.files.0.path"),
+    (lambda d: d["artifacts"][0]["files"][0].update(path="onnx//model.onnx"), "artifacts.0.files.0.path"),
 ])
 def test_invalid_manifest_error_names_the_field(torch_cnn_package, mutate, field):
     data = _data(torch_cnn_package)
