@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from packager.errors import ExportError, require
+from runtimes.base import Runner
 from runtimes.device import Device, require_gpu
 
 
@@ -109,3 +110,23 @@ class ModuleCaller:
         if self.on_cpu:
             return {n: t.numpy() for n, t in zip(self.names, outputs)}
         return {n: t.cpu().numpy() for n, t in zip(self.names, outputs)}
+
+
+class TorchModuleRunner(Runner):
+    """Shared per-call path of the TorchScript and torch.export runners.
+
+    Subclasses load ``self.module`` and ``self._device`` in ``_load``. A loaded module keeps no
+    per-call Python state, so one instance may be shared by threads (tests/test_concurrency.py).
+    """
+
+    thread_safe = True
+
+    def _ready(self) -> None:
+        self._call = ModuleCaller(self.module, self._device, self.signature.output_names)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._call(feeds)
+
+    def _close(self) -> None:
+        self.module = None
+        self._call = None

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from packager.errors import RuntimeLoadError
-from runtimes._torch import ModuleCaller, is_unpickling_refusal, torch_device, weights_only_loads
-from runtimes.base import Runner
+from runtimes._torch import TorchModuleRunner, is_unpickling_refusal, torch_device, weights_only_loads
 
 
-class TorchExportRunner(Runner):
+class TorchExportRunner(TorchModuleRunner):
     """Runs an ExportedProgram's module."""
 
     runtime = "torch_export"
     formats = ("torch_export",)
-    # An ExportedProgram's module is a plain GraphModule: forward keeps no state between calls.
-    thread_safe = True
 
     def _load(self) -> None:
         self._device = torch_device(self.device)  # first: a missing torch becomes a DependencyError
@@ -33,13 +28,3 @@ class TorchExportRunner(Runner):
                                        fix="re-export the model with 'packager export' (plain tensor weights); "
                                            "never load .pt2 files from untrusted sources outside packager") from None
             raise RuntimeLoadError(f"torch.export file {str(self.path)!r}", f"cannot be loaded: {exc}") from exc
-
-    def _ready(self) -> None:
-        self._call = ModuleCaller(self.module, self._device, self.signature.output_names)
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._call(feeds)
-
-    def _close(self) -> None:
-        self.module = None
-        self._call = None

@@ -38,6 +38,7 @@ import numpy as np
 
 from packager.errors import ExportError, SourceError, TrustRequiredError, UsageError
 from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions
+from packager.exporters._onnx import name_dynamic_dims
 
 FRAMEWORK = "paddle"
 FORMATS = ("paddle_inference", "paddle_legacy", "paddle_static", "onnx")
@@ -854,18 +855,7 @@ def _name_io(model: Any, ctx: ExportContext) -> None:
     missing = [s.name for s in ctx.signature.inputs if s.name not in {v.name for v in model.graph.input}]
     if missing:
         raise ValueError(f"the ONNX graph lacks the inputs {missing} (it has {[v.name for v in model.graph.input]})")
-    specs = {s.name: s for s in [*ctx.signature.inputs, *ctx.signature.outputs]}
-    for value in [*model.graph.input, *model.graph.output]:
-        spec = specs.get(value.name)
-        if spec is None or not value.type.HasField("tensor_type"):
-            continue
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) != spec.rank:
-            continue
-        for axis, dim in enumerate(dims):
-            want = spec.shape[axis]
-            if isinstance(want, str) and not dim.HasField("dim_value"):
-                dim.dim_param = want
+    name_dynamic_dims(model.graph, ctx.signature)
 
 
 # --- worker process ----------------------------------------------------------------------

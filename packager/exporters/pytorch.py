@@ -22,6 +22,7 @@ import numpy as np
 
 from packager.errors import ExportError, SourceError, TrustRequiredError, UsageError
 from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions
+from packager.exporters._onnx import name_dynamic_dims
 from runtimes._torch import flatten
 
 FRAMEWORK = "torch"
@@ -361,29 +362,12 @@ def _onnx(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
         if extra.name != "model.onnx":
             extra.unlink()
     model = onnx.load(str(target))
-    _rename_onnx_dims(model, ctx)
+    name_dynamic_dims(model.graph, ctx.signature)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(target))
     if errors:
         ctx.log.append("onnx: " + "; ".join(errors) + f"; used the {exporter_used} exporter")
     return ArtifactSpec(path=f"{dest.name}/model.onnx", options={"opset": opset, "exporter": exporter_used})
-
-
-def _rename_onnx_dims(model: Any, ctx: ExportContext) -> None:
-    # Name symbolic dims after the signature (the dynamo exporter calls them s0, s1, ...), so
-    # the ONNX file itself documents the batch axis; outputs get the names inferred at export.
-    specs = {s.name: s for s in [*ctx.signature.inputs, *ctx.signature.outputs]}
-    for value in [*model.graph.input, *model.graph.output]:
-        spec = specs.get(value.name)
-        if spec is None or not value.type.HasField("tensor_type"):
-            continue
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) != spec.rank:
-            continue
-        for axis, dim in enumerate(dims):
-            want = spec.shape[axis]
-            if isinstance(want, str) and not dim.HasField("dim_value"):
-                dim.dim_param = want
 
 
 def _torch_export(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:

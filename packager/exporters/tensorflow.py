@@ -28,6 +28,7 @@ import numpy as np
 
 from packager.errors import ExportError, SourceError, TrustRequiredError, UsageError
 from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions
+from packager.exporters._onnx import name_dynamic_dims
 from packager.signature import BATCH, Signature, TensorSpec, dtype_name
 
 FRAMEWORK = "tensorflow"
@@ -637,18 +638,7 @@ def _rename_onnx(model: Any, ctx: ExportContext, specs: dict[str, Any]) -> None:
             copy.CopyFrom(value)
         del values[:]
         values.extend(copies)
-    by_name = {s.name: s for s in [*ctx.signature.inputs, *ctx.signature.outputs]}
-    for value in [*graph.input, *graph.output]:
-        spec = by_name.get(value.name)
-        if spec is None or not value.type.HasField("tensor_type"):
-            continue
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) != spec.rank:
-            continue
-        for axis, dim in enumerate(dims):
-            want = spec.shape[axis]
-            if isinstance(want, str) and not dim.HasField("dim_value"):
-                dim.dim_param = want
+    name_dynamic_dims(graph, ctx.signature)
 
 
 def _ort_loads(target: Path) -> None:
