@@ -286,12 +286,23 @@ def export(
             source=Source(framework=framework, framework_version=versions[framework], kind=loaded.kind,
                           path=loaded.path, builder=loaded.builder),
             versions=versions, signature=signature, artifacts=artifacts, golden=golden,
-            extra={"export_log": ctx.log} if ctx.log else {})
+            extra=_extra(ctx.log, state_key=state_key, signature_key=signature_key))
         failed = [a for a in artifacts if not a.passed]
         if failed and not allow_mismatch:
             raise parity_error(failed)
         path = writer.commit(manifest)
     return ExportResult(path=path, manifest=manifest)
+
+
+def _extra(log: list[str], **source_options: str | None) -> dict[str, Any]:
+    """Manifest extras: the export log, and the source options `verify --reference eager` reuses."""
+    extra: dict[str, Any] = {}
+    if log:
+        extra["export_log"] = log
+    options = {k: v for k, v in source_options.items() if v is not None}
+    if options:
+        extra["source_options"] = options
+    return extra
 
 
 def check_parity(path: Path, artifact: Artifact, signature: Signature, inputs: dict[str, np.ndarray],

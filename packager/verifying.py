@@ -184,8 +184,11 @@ class _EagerReference:
             raise InputError(f"source {src!r}", "does not exist on this host",
                              fix="pass --source with the path of the training-time save here")
         self.fw = exporter(manifest.source.framework)
+        recorded = manifest.extra.get("source_options", {})  # e.g. a SavedModel --signature
         self.loaded = self.fw.load_source(src, SourceOptions(builder=builder or manifest.source.builder,
-                                                             state_key=state_key, trust=trust))
+                                                             state_key=state_key or recorded.get("state_key"),
+                                                             signature_key=recorded.get("signature_key"),
+                                                             trust=trust))
         self.names = manifest.signature.output_names
         self.label = f"eager {manifest.source.framework} ({Path(src).name})"
 

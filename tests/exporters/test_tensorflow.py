@@ -348,6 +348,10 @@ def test_cli_signature_option(multi_signature, keras_cnn, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
     assert [o["name"] for o in manifest["signature"]["outputs"]] == ["probs"]
+    assert manifest["extra"]["source_options"] == {"signature_key": "probs"}
+    # The eager reference reloads the same signature, not serving_default.
+    report = packager.verify(tmp_path / "pkg", reference="eager")
+    assert report.passed, report.to_dict()
 
 
 # --- ModelCheckpoint --------------------------------------------------------------------------------
