@@ -211,7 +211,8 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
 last_replace_method: str = ""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's contents or a folder's entries to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -238,14 +239,14 @@ def replace_dir(src: Path, dest: Path, *, overwrite: bool = True) -> None:
     if dest.exists():
         if _renameat2(src, dest, _RENAME_EXCHANGE):
             last_replace_method = "exchange"
-            _fsync_dir(dest.parent)
+            fsync_path(dest.parent)
             shutil.rmtree(src, ignore_errors=True)  # src now holds the old package
             return
         old = Path(tempfile.mkdtemp(prefix=temp_prefix(dest, "old"), dir=dest.parent))
         os.rename(dest, old / "pkg")
         os.rename(src, dest)
         last_replace_method = "rename"
-        _fsync_dir(dest.parent)
+        fsync_path(dest.parent)
         shutil.rmtree(old, ignore_errors=True)
         return
     # RENAME_NOREPLACE: a package another process committed meanwhile is never clobbered.
@@ -260,7 +261,7 @@ def replace_dir(src: Path, dest: Path, *, overwrite: bool = True) -> None:
             raise
         raise ExistsError(str(dest), f"appeared while the package was being written ({exc.strerror})",
                           fix="pass --overwrite, or choose another --out") from None
-    _fsync_dir(dest.parent)
+    fsync_path(dest.parent)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 import numpy as np
 
 from packager.errors import InputError, UsageError
+from packager.package import fsync_path
 from packager.signature import Signature, TensorSpec
 
 #: Input file suffixes a dataset (or a shard of a dataset folder) may have.
@@ -532,14 +533,6 @@ def atomic_path(target: Path, tmp_dir: Path | None = None) -> Path:
     os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     return Path(tmp)
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def commit_file(tmp: Path, target: Path) -> None:
