@@ -119,14 +119,23 @@ def onnx_contract(model: Any, signature: Signature) -> list[str]:
                 problems.append(f"ONNX {kind} {spec.name!r} has rank {len(dims)} {dims}, signature says "
                                 f"{spec.rank} {spec.shape_str()}")
                 continue
-            for axis, (want, got) in enumerate(zip(spec.shape, dims)):
-                if isinstance(want, int) and isinstance(got, int) and want != got:
-                    problems.append(f"ONNX {kind} {spec.name!r} axis {axis} is {got}, signature says {want} "
-                                    f"(graph {dims} vs {spec.shape_str()}; channels-last vs channels-first?)")
-                elif isinstance(want, str) and isinstance(got, int) and not (
-                        signature.dim(want).min == signature.dim(want).max == got):
-                    problems.append(f"ONNX {kind} {spec.name!r} axis {axis} ({want!r}) is fixed to {got} in the "
-                                    "graph but is dynamic in the signature (exported without dynamic axes?)")
+            problems += _axis_problems(f"ONNX {kind} {spec.name!r}", "graph", spec, tuple(dims), f"graph {dims}",
+                                       signature)
+    return problems
+
+
+def _axis_problems(subject: str, where: str, spec: TensorSpec, dims: tuple, shown: str,
+                   signature: Signature) -> list[str]:
+    """Axis-by-axis differences between an artifact's declared ``dims`` and ``spec`` (same rank)."""
+    problems = []
+    for axis, (want, got) in enumerate(zip(spec.shape, dims)):
+        if isinstance(want, int) and isinstance(got, int) and want != got:
+            problems.append(f"{subject} axis {axis} is {got}, signature says {want} "
+                            f"({shown} vs {spec.shape_str()}; channels-last vs channels-first?)")
+        elif isinstance(want, str) and isinstance(got, int) and not (
+                signature.dim(want).min == signature.dim(want).max == got):
+            problems.append(f"{subject} axis {axis} ({want!r}) is fixed to {got} in the {where} "
+                            "but is dynamic in the signature (exported without dynamic axes?)")
     return problems
 
 
@@ -153,12 +162,6 @@ def native_contract(native: Signature, signature: Signature) -> list[str]:
             problems.append(f"artifact input {spec.name!r} has rank {own.rank} {own.shape_str()}, signature says "
                             f"{spec.rank} {spec.shape_str()}")
             continue
-        for axis, (want, got) in enumerate(zip(spec.shape, own.shape)):
-            if isinstance(want, int) and isinstance(got, int) and want != got:
-                problems.append(f"artifact input {spec.name!r} axis {axis} is {got}, signature says {want} "
-                                f"({own.shape_str()} vs {spec.shape_str()}; channels-last vs channels-first?)")
-            elif isinstance(want, str) and isinstance(got, int) and not (
-                    signature.dim(want).min == signature.dim(want).max == got):
-                problems.append(f"artifact input {spec.name!r} axis {axis} ({want!r}) is fixed to {got} in the "
-                                "artifact but is dynamic in the signature (exported without dynamic axes?)")
+        problems += _axis_problems(f"artifact input {spec.name!r}", "artifact", spec, own.shape, own.shape_str(),
+                                   signature)
     return problems
