@@ -5,13 +5,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import glob
-import hashlib
+import io
+import math
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -20,27 +23,33 @@ from typing import Iterator
 import numpy as np
 
 from packager.errors import ExistsError, InputError, IntegrityError, ManifestError
-from packager.manifest import MANIFEST_NAME, FileEntry, Manifest, load_manifest
+from packager.digests import Span, chunk_digests, chunk_size, digest_spans, sha256_file, spans_of
+from packager.manifest import MANIFEST_NAME, Chunks, FileEntry, Manifest, load_manifest
 
 GOLDEN_INPUTS = "golden/inputs.npz"
 GOLDEN_OUTPUTS = "golden/outputs.npz"
-_CHUNK = 1 << 20
+#: ``Package(keep_bytes=True)`` keeps verified files up to this size in memory, this many bytes in all.
+KEEP_FILE_LIMIT = 64 << 20
+KEEP_TOTAL_LIMIT = 256 << 20
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _nofollow(path: str, flags: int) -> int:
+    # A link swapped in after the lstat check is refused, not followed.
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+
+
+def file_entry(root: Path, path: Path) -> FileEntry:
+    """FileEntry of one file (path relative to ``root``), with per-chunk digests when it is large."""
+    size = path.stat().st_size
+    chunk = chunk_size(size)
+    chunks = Chunks(size=chunk, sha256=chunk_digests(path, size, chunk)) if chunk else None
+    return FileEntry(path=path.relative_to(root).as_posix(), sha256=sha256_file(path), size=size, chunks=chunks)
 
 
 def file_entries(root: Path, target: Path) -> list[FileEntry]:
     """FileEntry for ``target`` (a file, or every file below a folder), relative to ``root``."""
     paths = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
-    return [FileEntry(path=p.relative_to(root).as_posix(), sha256=sha256_file(p), size=p.stat().st_size)
-            for p in paths]
+    return [file_entry(root, p) for p in paths]
 
 
 def _fsync_tree(root: Path) -> None:
@@ -281,9 +290,12 @@ class Package:
             every safety check, into a temporary folder that lives as long as this object).
         verify: Check every listed file's size and SHA-256, and that no unlisted file sits
             beside them, before anything reads them.
+        keep_bytes: Keep the verified content of small files in memory (up to
+            ``KEEP_FILE_LIMIT`` each, ``KEEP_TOTAL_LIMIT`` in all) for :meth:`take_bytes`: what
+            is then parsed is exactly what was hashed, and no file is read twice.
     """
 
-    def __init__(self, root: str | Path, *, verify: bool = True) -> None:
+    def __init__(self, root: str | Path, *, verify: bool = True, keep_bytes: bool = False) -> None:
         from packager.archive import is_archive, open_archive
 
         #: What the user passed (folder or archive); ``root`` is where the files are.
@@ -300,6 +312,8 @@ class Package:
                              got="missing" if not self.root.exists() else "a file",
                              fix="pass the folder written by 'packager export' or the archive from 'packager pack'")
         self.manifest: Manifest = load_manifest(self.root)
+        self._keep = keep_bytes
+        self._bytes: dict[str, bytes] = {}
         if verify:
             self.verify_integrity()
 
@@ -329,41 +343,72 @@ class Package:
     def _verify_integrity(self, entries: list[FileEntry] | None) -> IntegrityReport:
         started = time.perf_counter()
         entries = entries if entries is not None else self.manifest.all_files()
-        listed = set()
-        total = 0
+        listed: set[str] = set()
+        total = kept = 0
+        # Every file's type and size first, then all digests at once on every core.
+        work: list[tuple[FileEntry, bytes | None, int]] = []
+        spans: list[Span] = []
         for entry in entries:
             try:
-                total += self._check_file(entry)
+                data = self._check_file(entry, kept)
             except OSError as exc:  # unreadable, name too long for this file system, ...
                 raise IntegrityError(f"package file {entry.path!r}", f"cannot be read ({exc.strerror or exc})",
                                      expected="a readable file listed in manifest.json", got=type(exc).__name__,
                                      fix="copy the whole package again, or re-export it") from None
+            parts = spans_of(data if data is not None else self.resolve(entry.path), entry.size,
+                             entry.chunks.size if entry.chunks else None)
+            work.append((entry, data, len(parts)))
+            spans += parts
+            total += entry.size
+            kept += len(data) if data is not None else 0
             listed.add(Path(entry.path).as_posix())
+        try:
+            digests = iter(digest_spans(spans))
+        except OSError as exc:
+            raise IntegrityError(f"package file {exc.filename or '(one of the listed files)'!r}",
+                                 f"cannot be read ({exc.strerror or exc})", expected="a readable file",
+                                 got=type(exc).__name__, fix="copy the whole package again, or re-export it") from None
+        for entry, data, count in work:
+            got = [next(digests) for _ in range(count)]
+            want = entry.chunks.sha256 if entry.chunks else [entry.sha256]
+            bad = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+            if bad is not None:
+                where = f" in the chunk at byte {bad * entry.chunks.size}" if entry.chunks else ""
+                raise IntegrityError(f"package file {entry.path!r}", f"fails its SHA-256 check (modified{where})",
+                                     expected=want[bad][:16] + "…", got=got[bad][:16] + "…",
+                                     fix="copy the whole package again, or re-export it")
+            if data is not None:
+                self._bytes[entry.path] = data
         self._check_unlisted(listed)
         return IntegrityReport(files=len(listed), bytes=total, seconds=time.perf_counter() - started)
 
-    def _check_file(self, entry: FileEntry) -> int:
-        """Check one listed file; return its size."""
+    def _check_file(self, entry: FileEntry, kept: int) -> bytes | None:
+        """Check one listed file's type and size; return its content when it is to be kept
+        in memory (``kept`` bytes are already)."""
         path = self.resolve(entry.path)
-        if path.is_symlink() or (path.exists() and not path.is_file()):
+        try:
+            info = os.lstat(path)  # one call: type, size, and no link followed
+        except (FileNotFoundError, NotADirectoryError):
+            raise IntegrityError(f"package file {entry.path!r}", "is missing",
+                                 expected="the file listed in manifest.json", got="nothing",
+                                 fix="copy the whole package again, or re-export it") from None
+        if not stat.S_ISREG(info.st_mode):
             raise IntegrityError(f"package file {entry.path!r}", "is not a regular file",
                                  expected="the file listed in manifest.json", got="a link or folder",
                                  fix="copy the whole package again (without links), or re-export it")
-        if not path.is_file():
-            raise IntegrityError(f"package file {entry.path!r}", "is missing",
-                                 expected="the file listed in manifest.json", got="nothing",
-                                 fix="copy the whole package again, or re-export it")
-        size = path.stat().st_size
-        if size != entry.size:
+        if info.st_size != entry.size:
             raise IntegrityError(f"package file {entry.path!r}", "has the wrong size (modified or truncated)",
-                                 expected=f"{entry.size} bytes", got=f"{size} bytes",
+                                 expected=f"{entry.size} bytes", got=f"{info.st_size} bytes",
                                  fix="copy the whole package again, or re-export it")
-        digest = sha256_file(path)
-        if digest != entry.sha256:
-            raise IntegrityError(f"package file {entry.path!r}", "fails its SHA-256 check (modified)",
-                                 expected=entry.sha256[:16] + "…", got=digest[:16] + "…",
-                                 fix="copy the whole package again, or re-export it")
-        return size
+        if not (self._keep and entry.size <= KEEP_FILE_LIMIT and kept + entry.size <= KEEP_TOTAL_LIMIT):
+            return None
+        with open(path, "rb", opener=_nofollow) as fh:
+            data = fh.read()
+        if len(data) != entry.size:  # changed since the stat above
+            raise IntegrityError(f"package file {entry.path!r}", "changed while it was being checked",
+                                 expected=f"{entry.size} bytes", got=f"{len(data)} bytes",
+                                 fix="check again once nothing writes to the package")
+        return data
 
     def _check_unlisted(self, listed: set[str]) -> None:
         # Folders holding listed files, by their first path component ("onnx", "golden").
@@ -373,38 +418,86 @@ class Package:
             if base.is_symlink():
                 raise IntegrityError(f"package folder {top!r}", "is a link", expected="a real folder",
                                      got=f"a link to {os.readlink(base)!r}", fix="copy the package without links")
-            for dirpath, dirnames, filenames in os.walk(base):
-                for name in sorted(dirnames + filenames):
-                    full = Path(dirpath) / name
-                    rel = full.relative_to(self.root).as_posix()
-                    if full.is_symlink():
+            folders = [top]
+            while folders:
+                folder = folders.pop()
+                with os.scandir(self.root / folder) as found:
+                    entries = sorted(found, key=lambda e: e.name)
+                for item in entries:
+                    rel = f"{folder}/{item.name}"
+                    if item.is_symlink():
                         raise IntegrityError(f"package file {rel!r}", "is a link, which packages never contain",
-                                             expected="regular files only", got=f"a link to {os.readlink(full)!r}",
+                                             expected="regular files only", got=f"a link to {os.readlink(item.path)!r}",
                                              fix="copy the package without links, or re-export it")
-                    if name in filenames and rel not in listed:
+                    if item.is_dir():
+                        folders.append(rel)
+                    elif rel not in listed:
                         raise IntegrityError(f"package file {rel!r}", "is not listed in manifest.json, but sits "
                                              "where the runtime reads files", expected="only listed files",
                                              got="an unlisted file",
                                              fix="remove the file, or re-export the package")
+
+    def take_bytes(self, relative: str) -> bytes | None:
+        """Hand over the verified in-memory copy of a file (``keep_bytes=True``), or None; the
+        package lets go of it, so that it is freed as soon as the caller is done."""
+        return self._bytes.pop(relative, None)
 
     def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Golden inputs and reference outputs stored at export time."""
         golden = self.manifest.golden
         if golden is None:
             raise ManifestError(f"{self.root}", "has no golden data", fix="re-export the package")
-        return load_npz(self.resolve(golden.inputs.path)), load_npz(self.resolve(golden.outputs.path))
+        return tuple(load_npz(self.resolve(f.path), data=self.take_bytes(f.path))  # type: ignore[return-value]
+                     for f in (golden.inputs, golden.outputs))
 
     def artifacts(self) -> Iterator:
         return iter(self.manifest.artifacts)
 
 
-def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Load every array of an ``.npz`` (no pickles)."""
+def load_npz(path: str | Path, data: bytes | None = None) -> dict[str, np.ndarray]:
+    """Load every array of an ``.npz`` (no pickles), from ``data`` when its content is in memory."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+        if data is not None:
+            arrays = _stored_npz(data)
+            if arrays is not None:
+                return arrays
+        with np.load(io.BytesIO(data) if data is not None else path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InputError(str(path), f"cannot be read as .npz ({exc})", fix="save it with numpy.savez") from None
+
+
+def _stored_npz(data: bytes) -> dict[str, np.ndarray] | None:
+    """The arrays of an uncompressed ``.npz`` (what ``np.savez`` writes) already in memory and
+    verified, or None for anything else (compressed members: ``np.load`` reads those).
+
+    ``np.load`` re-reads each member through ``zipfile``, whose CRC-32 pass costs more than the
+    arrays themselves here; the package's SHA-256 has already covered every byte.
+    """
+    arrays = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                return None
+            at = info.header_offset  # the local header: 30 bytes, then the name and an extra field
+            if data[at:at + 4] != b"PK\x03\x04":
+                raise ValueError(f"member {info.filename!r} has no local header")
+            start = at + 30 + int.from_bytes(data[at + 26:at + 28], "little") + int.from_bytes(data[at + 28:at + 30],
+                                                                                                 "little")
+            member = io.BytesIO(data[start:start + min(info.file_size, 1 << 16)])
+            version = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(member)
+            if dtype.hasobject:
+                raise ValueError(f"member {info.filename!r} holds Python objects (pickles are refused)")
+            count = math.prod(shape)
+            if member.tell() + count * dtype.itemsize != info.file_size:
+                raise ValueError(f"member {info.filename!r}: its header does not match its size")
+            flat = np.frombuffer(data, dtype=dtype, count=count, offset=start + member.tell())
+            # A copy: callers get writable arrays, as from np.load.
+            arrays[info.filename[:-4]] = flat.reshape(shape, order="F" if fortran else "C").copy()
+    return arrays
 
 
 def is_package(path: str | Path) -> bool:

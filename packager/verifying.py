@@ -355,7 +355,9 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
     from runtimes import parse_device, runner_class
 
     start = time.perf_counter()
-    package = Package(path)
+    # Small verified files stay in memory: the ONNX graph and golden data are parsed from the
+    # bytes that were hashed, without reading them again.
+    package = Package(path, keep_bytes=True)
     manifest = package.manifest
     signature = _parse_ranges(input_ranges, manifest.signature)
     device_list = [str(parse_device(d)) for d in devices]
@@ -386,21 +388,23 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
         if wanted and art.format not in wanted:
             continue
         if art.format == "onnx":
-            from packager.fidelity.onnx_checks import load_graph, structural_checks
+            from packager.fidelity.onnx_checks import load_light, structural_checks
 
             file = package.resolve(art.path)
             try:
-                graph = load_graph(file)
+                light = load_light(file, package.take_bytes(art.path))
             except Exception as exc:
                 static[art.format] = ([], [Check(name="onnx.load", passed=False, severity="runtime",
                                                  detail=str(exc).splitlines()[0][:300])])
                 continue
-            static[art.format] = (onnx_contract(graph, signature),
-                                  structural_checks(file, graph) if structure else [])
-            extra = {k: v for k, v in onnx_int_ranges(graph, signature).items() if k not in (input_ranges or {})}
+            static[art.format] = (onnx_contract(light.model, signature),
+                                  structural_checks(file, light) if structure else [])
+            extra = {k: v for k, v in onnx_int_ranges(light.model, signature).items()
+                     if k not in (input_ranges or {})}
             if extra:
                 signature = _parse_ranges(extra, signature)
                 report.notes.append(f"value ranges read from the ONNX embedding tables: {extra}")
+            del light  # the parsed file's memory goes back before runtimes load it
     for spec in signature.inputs:
         if spec.dtype.startswith(("int", "uint")) and spec.value_range is None and sweep:
             report.notes.append(f"integer input {spec.name!r} has no declared value range; generated values are "
@@ -465,14 +469,21 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
                 t0 = time.perf_counter()
                 golden_got[id(row)] = _attempt(runner, cases[0].inputs)
                 row.seconds += time.perf_counter() - t0
+        # The golden verdicts are needed now only to pick a live reference artifact; otherwise
+        # the numbers are judged after every run, with the other cases.
+        needs_live = [c for c in cases[1:] if c.reference is None]
+        pick_live = live is None and bool(needs_live) and reference != "golden"
+        deferred: dict[int, VerifyRow] = {}
         for row, runner, _art in cells:
             if runner is not None:
-                row.cases.append(_run_case(cases[0], golden_ref, cases[0].reference_label, golden_got[id(row)], row,
-                                           signature, atol, rtol, floors))
+                if pick_live or isinstance(golden_got[id(row)], BaseException):
+                    row.cases.append(_run_case(cases[0], golden_ref, cases[0].reference_label, golden_got[id(row)],
+                                               row, signature, atol, rtol, floors))
+                else:
+                    deferred[id(row)] = row
 
         # Phase 2: the live reference for cases with new inputs.
-        needs_live = [c for c in cases[1:] if c.reference is None]
-        if live is None and needs_live and reference != "golden":
+        if pick_live:
             live = _pick_reference(cells, reference, report)
         report.live_reference = live.label if live is not None else None
         live_outputs: dict[str, dict[str, np.ndarray] | str] = {}
@@ -492,7 +503,7 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
         consistency: list[tuple[VerifyRow, Case, Any, list[Any]]] = []
         base = next((c for c in cases if c.consistency), None) if sweep else None
         for row, runner, _art in cells:
-            if runner is None or not row.cases or row.cases[0].verdict == "runtime":
+            if runner is None or id(row) not in deferred and (not row.cases or row.cases[0].verdict == "runtime"):
                 continue
             t0 = time.perf_counter()
             outcomes = {cases[0].name: golden_got[id(row)]}
@@ -519,6 +530,9 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
         for _row, runner, _art in cells:
             if runner is not None:
                 runner.close()
+    for row in deferred.values():
+        row.cases.insert(0, _run_case(cases[0], golden_ref, cases[0].reference_label, golden_got[id(row)], row,
+                                      signature, atol, rtol, floors))
     for row, case, ref, label, outcome in pending:
         row.cases.append(_run_case(case, ref, label, outcome, row, signature, atol, rtol, floors))
     for row, case, batched, singles in consistency:

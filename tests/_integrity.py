@@ -42,6 +42,10 @@ def rehash(package: Path) -> None:
     for entry in entries:
         body = (package / entry["path"]).read_bytes()
         entry["sha256"], entry["size"] = hashlib.sha256(body).hexdigest(), len(body)
+        if entry.get("chunks"):
+            step = entry["chunks"]["size"]
+            entry["chunks"]["sha256"] = [hashlib.sha256(body[i:i + step]).hexdigest()
+                                         for i in range(0, max(len(body), 1), step)]
     path.write_text(json.dumps(data, indent=2))
 
 

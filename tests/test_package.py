@@ -3,6 +3,7 @@ verify --integrity-only, atomic replacement and version drift (issue 7)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -283,3 +284,95 @@ def test_integrity_check_cost_per_megabyte(tmp_path: Path) -> None:
     print(f"integrity check: {report.bytes / 1e6:.1f} MB in {seconds * 1000:.0f} ms = {rate:.0f} MB/s "
           f"({seconds * 1000 / (report.bytes / 1e6):.2f} ms per MB)")
     assert rate > 50
+
+
+@pytest.fixture(scope="module")
+def chunked_pkg(session_dir: Path) -> Path:
+    """A package whose 4 MB ONNX file gets per-chunk digests."""
+    import torch
+
+    import packager
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 8)).eval()
+    return packager.export(model, {"x": np.zeros((2, 1024), np.float32)}, out=session_dir / "chunked",
+                           formats=["onnx"]).path
+
+
+def test_large_files_get_chunk_digests_that_cover_every_byte(chunked_pkg: Path) -> None:
+    from packager.digests import CHUNK_MIN, chunk_digests, chunk_size
+
+    entry = next(f for f in Package(chunked_pkg).manifest.all_files() if f.path == "onnx/model.onnx")
+    body = (chunked_pkg / entry.path).read_bytes()
+    assert entry.chunks is not None and entry.chunks.size == chunk_size(len(body)) and entry.chunks.size >= CHUNK_MIN
+    assert entry.chunks.sha256 == [hashlib.sha256(body[i:i + entry.chunks.size]).hexdigest()
+                                   for i in range(0, len(body), entry.chunks.size)]
+    assert entry.sha256 == hashlib.sha256(body).hexdigest()  # the whole-file digest stays, for sha256sum
+    # From the file and from memory alike; small files keep the single digest.
+    assert chunk_digests(body, len(body), entry.chunks.size) == entry.chunks.sha256
+    assert all(f.chunks is None for f in Package(chunked_pkg).manifest.all_files() if f.size < 2 * CHUNK_MIN)
+    assert chunk_size(2 * CHUNK_MIN - 1) is None and chunk_size(10 << 30) * 64 >= 10 << 30
+
+
+@pytest.mark.parametrize("keep_bytes", [False, True])
+def test_a_flipped_byte_in_any_chunk_fails_closed(chunked_pkg: Path, tmp_path: Path, keep_bytes: bool) -> None:
+    pkg = copy_package(chunked_pkg, tmp_path / "pkg")
+    entry = next(f for f in Package(pkg).manifest.all_files() if f.path == "onnx/model.onnx")
+    last = entry.size - 1  # the last, shorter chunk too
+    for offset in (0, entry.chunks.size + 7, last):
+        _flip_byte(pkg / entry.path, offset)
+        with pytest.raises(IntegrityError) as info:
+            Package(pkg, keep_bytes=keep_bytes)
+        start = offset // entry.chunks.size * entry.chunks.size
+        assert "onnx/model.onnx" in info.value.message and f"chunk at byte {start}" in info.value.message
+        _flip_byte(pkg / entry.path, offset)  # restore
+    opened = Package(pkg, keep_bytes=keep_bytes)
+    assert opened.take_bytes(entry.path) == ((pkg / entry.path).read_bytes() if keep_bytes else None)
+    assert opened.take_bytes(entry.path) is None  # handed over once
+
+
+def test_chunk_lists_that_do_not_cover_the_file_are_refused(chunked_pkg: Path, tmp_path: Path) -> None:
+    pkg = copy_package(chunked_pkg, tmp_path / "pkg")
+    data = json.loads((pkg / MANIFEST_NAME).read_text())
+    data["artifacts"][0]["files"][0]["chunks"]["sha256"].pop()
+    (pkg / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError) as info:
+        Package(pkg)
+    assert "chunks" in info.value.message and "cannot cover" in info.value.message
+
+
+def test_schema_1_manifests_without_chunks_still_load(chunked_pkg: Path, tmp_path: Path) -> None:
+    pkg = copy_package(chunked_pkg, tmp_path / "pkg")
+    data = json.loads((pkg / MANIFEST_NAME).read_text())
+    data["schema_version"] = 1
+    for entry in data["artifacts"][0]["files"]:
+        entry.pop("chunks")
+    (pkg / MANIFEST_NAME).write_text(json.dumps(data))
+    assert Package(pkg).manifest.schema_version == 1  # checked with the whole-file digest
+    _flip_byte(pkg / "onnx/model.onnx", 1 << 20)
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        Package(pkg)
+
+
+def test_npz_from_memory_matches_np_load() -> None:
+    """The in-memory reader of verified golden data gives what np.load gives, and refuses pickles."""
+    import io
+
+    from packager.errors import InputError
+    from packager.package import load_npz
+
+    arrays = {"x": np.random.default_rng(0).random((2, 3), np.float32), "ids": np.arange(5),
+              "fortran": np.asfortranarray(np.ones((3, 4))), "flags": np.array([True, False]),
+              "empty": np.zeros((0, 3)), "scalar": np.float32(3), "big_endian": np.arange(4, dtype=">i4")}
+    for save in (np.savez, np.savez_compressed):
+        buf = io.BytesIO()
+        save(buf, **arrays)
+        got = load_npz("golden.npz", buf.getvalue())
+        assert got.keys() == arrays.keys()
+        for name, want in arrays.items():
+            assert got[name].dtype == np.asarray(want).dtype and np.array_equal(got[name], want)
+            assert got[name].flags.writeable
+    buf = io.BytesIO()
+    np.savez(buf, o=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(InputError, match="Python objects"):
+        load_npz("golden.npz", buf.getvalue())

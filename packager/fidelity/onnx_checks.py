@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from packager.errors import require
@@ -43,9 +44,12 @@ def ort_support() -> tuple[int, int]:
     return ir, opset
 
 
-def load_graph(path: str | Path) -> Any:
-    """The ONNX model without external weights (enough for contract and version checks)."""
+def load_graph(path: str | Path, data: bytes | None = None) -> Any:
+    """The ONNX model without external weights (enough for contract and version checks),
+    parsed from ``data`` when the file's content is already in memory."""
     onnx = require("onnx", extra="onnx", purpose="check ONNX artifacts")
+    if data is not None:
+        return onnx.load_model_from_string(data)
     return onnx.load(str(path), load_external_data=False)
 
 
@@ -53,44 +57,59 @@ def load_graph(path: str | Path) -> Any:
 _ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 
 
-def skeleton(model: Any) -> Any:
-    """A copy of ``model`` whose large initializers carry 8 placeholder bytes.
-
-    The checker and shape inference look at types and dims, never at weight values, but
-    serialising a proto for them costs time proportional to the weights (tens of ms for a
-    10 MB model). Weight sizes are checked separately by :func:`initializer_problems`.
-    """
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for tensor in copy.graph.initializer:
-        if len(tensor.raw_data) > 1024:
-            tensor.raw_data = b"\0" * 8
-    return copy
-
-
-def initializer_problems(model: Any) -> list[str]:
-    """Initializers whose raw data size does not match their dims (the checker skips this)."""
+def _scan_initializers(model: Any, strip: bool) -> list[str]:
+    """Initializers whose raw data size does not match their dims (the checker skips this);
+    with ``strip``, large ones then get 8 placeholder bytes. One pass: reading ``raw_data`` copies it."""
     problems = []
     for tensor in model.graph.initializer:
-        if not tensor.raw_data or tensor.data_type not in _ITEMSIZE or tensor.data_location == 1:
+        if tensor.data_location == 1:  # external data: checked by the checker with the file
             continue
-        want = int(np.prod(tensor.dims, dtype=np.int64)) * _ITEMSIZE[tensor.data_type]
-        if len(tensor.raw_data) != want:
-            problems.append(f"initializer {tensor.name!r} holds {len(tensor.raw_data)} bytes, its dims "
-                            f"{list(tensor.dims)} need {want}")
+        size = len(tensor.raw_data)
+        if size and tensor.data_type in _ITEMSIZE:
+            want = math.prod(tensor.dims) * _ITEMSIZE[tensor.data_type]
+            if size != want:
+                problems.append(f"initializer {tensor.name!r} holds {size} bytes, its dims {list(tensor.dims)} "
+                                f"need {want}")
+        if strip and size > 1024:
+            tensor.raw_data = b"\0" * 8
     return problems
 
 
-def structural_checks(path: str | Path, model: Any | None = None) -> list[Check]:
+@dataclass
+class LightGraph:
+    """An ONNX file parsed for checking, its large initializers' data replaced by 8
+    placeholder bytes: contracts, shape inference and the checker look at names, types and
+    dims, never at weight values, and serialising 10 MB of weights for them would cost tens
+    of ms."""
+
+    model: Any
+    #: Whether initializers live in external files (then checked by path, with their files).
+    external: bool
+    #: Initializers whose raw data size does not match their dims (the checker skips this).
+    size_problems: list[str]
+
+
+def load_light(path: str | Path, data: bytes | None = None) -> LightGraph:
+    """Parse an ONNX file (from ``data`` when its content is in memory) into a :class:`LightGraph`."""
+    model = load_graph(path, data)
+    external = any(t.data_location == 1 for t in model.graph.initializer)
+    return LightGraph(model=model, external=external, size_problems=_scan_initializers(model, strip=not external))
+
+
+def structural_checks(path: str | Path, graph: LightGraph | None = None) -> list[Check]:
     """``onnx.checker`` plus strict shape inference (together: ``full_check``), initializer
-    sizes, and IR/opset vs ONNX Runtime."""
+    sizes, and IR/opset vs ONNX Runtime.
+
+    Args:
+        path: The ONNX file.
+        graph: The file as :func:`load_light` parsed it (parsed here when not given).
+    """
     onnx = require("onnx", extra="onnx", purpose="check ONNX artifacts")
     checks: list[Check] = []
-    model = model if model is not None else load_graph(path)
-    external = any(t.data_location == 1 for t in model.graph.initializer)
-    light = model if external else skeleton(model)
+    graph = graph if graph is not None else load_light(path)
+    model, external, sizes = graph.model, graph.external, graph.size_problems
+    # Serialised once for both checks (the checker would otherwise serialise it deterministically).
+    light = model if external else model.SerializeToString()
     try:
         # External-data models are checked by path (the checker then finds their files).
         onnx.checker.check_model(str(path) if external else light, full_check=False)
@@ -98,12 +117,15 @@ def structural_checks(path: str | Path, model: Any | None = None) -> list[Check]
     except Exception as exc:  # onnx raises ValidationError/InferenceError subclasses
         checks.append(Check(name="onnx.checker", passed=False, detail=str(exc).strip().splitlines()[0][:500]))
     try:
-        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True, data_prop=True)
+        if isinstance(light, bytes) and hasattr(onnx.shape_inference, "C"):
+            # The binding under infer_shapes: the inferred model is not needed, only whether it fails.
+            onnx.shape_inference.C.infer_shapes(light, True, True, True)
+        else:
+            onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True, data_prop=True)
         checks.append(Check(name="shape inference", passed=True, detail="strict, with type checks and data "
                             "propagation (the checker's full_check)"))
     except Exception as exc:
         checks.append(Check(name="shape inference", passed=False, detail=str(exc).strip().splitlines()[0][:500]))
-    sizes = initializer_problems(model)
     checks.append(Check(name="initializer sizes", passed=not sizes, detail="; ".join(sizes[:3]) or "match their dims"))
     try:
         max_ir, max_opset = ort_support()
