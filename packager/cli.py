@@ -401,8 +401,15 @@ def _human(size: float) -> str:
 
 
 @app.command()
-def schema() -> None:
-    """Print the manifest's JSON Schema."""
+def schema(
+    report: bool = typer.Option(False, "--report", help="The schema of 'packager verify --json' reports instead."),
+) -> None:
+    """Print the manifest's JSON Schema (or, with --report, the verify report's)."""
+    if report:
+        from packager.verifying import report_json_schema
+
+        out.print_json(json.dumps(report_json_schema()))
+        return
     from packager.manifest import json_schema
 
     out.print_json(json.dumps(json_schema()))

@@ -61,11 +61,14 @@ def _hash_pool() -> ThreadPoolExecutor:
 
 @dataclass(frozen=True)
 class Span:
-    """Bytes ``[start, end)`` of a file, or of its content already in memory."""
+    """Bytes ``[start, end)`` of a file, or of its content already in memory. With ``into``
+    (a buffer as large as the file), the file's bytes are read there, by the thread that hashes
+    them: reading and hashing both run on every core, and the caller keeps what was hashed."""
 
     source: Path | memoryview
     start: int
     end: int
+    into: memoryview | None = None
 
 
 def _digest(span: Span) -> str:
@@ -74,6 +77,15 @@ def _digest(span: Span) -> str:
     digest, start = hashlib.sha256(), span.start
     fd = os.open(span.source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     try:
+        if span.into is not None:
+            view = span.into[span.start:span.end]
+            done = 0
+            while done < len(view):
+                count = os.preadv(fd, [view[done:]], span.start + done)
+                if not count:  # the file shrank: the digest will not match
+                    break
+                done += count
+            return hashlib.sha256(view[:done]).hexdigest()
         while start < span.end:
             piece = os.pread(fd, min(_PIECE, span.end - start), start)
             if not piece:  # the file shrank: the digest will not match
@@ -113,11 +125,13 @@ def digest_spans(spans: list[Span]) -> list[str]:
     return digests
 
 
-def spans_of(source: str | Path | bytes | memoryview, size: int, chunk: int | None) -> list[Span]:
-    """The spans covering ``size`` bytes of ``source``: one, or one per ``chunk`` bytes."""
+def spans_of(source: str | Path | bytes | memoryview, size: int, chunk: int | None,
+             into: memoryview | None = None) -> list[Span]:
+    """The spans covering ``size`` bytes of ``source``: one, or one per ``chunk`` bytes (read
+    into ``into`` when given, see :class:`Span`)."""
     src = memoryview(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
     step = chunk or max(size, 1)
-    return [Span(src, start, min(start + step, size)) for start in range(0, max(size, 1), step)]
+    return [Span(src, start, min(start + step, size), into) for start in range(0, max(size, 1), step)]
 
 
 def chunk_digests(source: str | Path | bytes, size: int, chunk: int) -> list[str]:

@@ -33,11 +33,6 @@ KEEP_FILE_LIMIT = 64 << 20
 KEEP_TOTAL_LIMIT = 256 << 20
 
 
-def _nofollow(path: str, flags: int) -> int:
-    # A link swapped in after the lstat check is refused, not followed.
-    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
-
-
 def file_entry(root: Path, path: Path) -> FileEntry:
     """FileEntry of one file (path relative to ``root``), with per-chunk digests when it is large."""
     size = path.stat().st_size
@@ -313,13 +308,13 @@ class Package:
                              fix="pass the folder written by 'packager export' or the archive from 'packager pack'")
         self.manifest: Manifest = load_manifest(self.root)
         self._keep = keep_bytes
-        self._bytes: dict[str, bytes] = {}
+        self._bytes: dict[str, bytearray] = {}
         if verify:
             self.verify_integrity()
 
     def resolve(self, relative: str) -> Path:
         """Absolute path of a package-relative path; refuses paths that escape the package."""
-        if "\x00" in relative or os.path.isabs(relative) or ".." in Path(relative).parts:
+        if "\x00" in relative or os.path.isabs(relative) or ".." in relative.split("/"):
             raise ManifestError(f"{MANIFEST_NAME}: path {relative!r}", "escapes the package folder",
                                 expected="a relative path inside the package", got=relative)
         return self.root / relative
@@ -346,21 +341,22 @@ class Package:
         listed: set[str] = set()
         total = kept = 0
         # Every file's type and size first, then all digests at once on every core.
-        work: list[tuple[FileEntry, bytes | None, int]] = []
+        work: list[tuple[FileEntry, bytearray | None, int]] = []
         spans: list[Span] = []
         for entry in entries:
             try:
-                data = self._check_file(entry, kept)
+                keep = self._check_file(entry, kept)
             except OSError as exc:  # unreadable, name too long for this file system, ...
                 raise IntegrityError(f"package file {entry.path!r}", f"cannot be read ({exc.strerror or exc})",
                                      expected="a readable file listed in manifest.json", got=type(exc).__name__,
                                      fix="copy the whole package again, or re-export it") from None
-            parts = spans_of(data if data is not None else self.resolve(entry.path), entry.size,
-                             entry.chunks.size if entry.chunks else None)
+            data = bytearray(entry.size) if keep else None  # filled by the hashing threads
+            parts = spans_of(self.resolve(entry.path), entry.size, entry.chunks.size if entry.chunks else None,
+                             into=memoryview(data) if data is not None else None)
             work.append((entry, data, len(parts)))
             spans += parts
             total += entry.size
-            kept += len(data) if data is not None else 0
+            kept += entry.size if keep else 0
             listed.add(Path(entry.path).as_posix())
         try:
             digests = iter(digest_spans(spans))
@@ -382,9 +378,9 @@ class Package:
         self._check_unlisted(listed)
         return IntegrityReport(files=len(listed), bytes=total, seconds=time.perf_counter() - started)
 
-    def _check_file(self, entry: FileEntry, kept: int) -> bytes | None:
-        """Check one listed file's type and size; return its content when it is to be kept
-        in memory (``kept`` bytes are already)."""
+    def _check_file(self, entry: FileEntry, kept: int) -> bool:
+        """Check one listed file's type and size; return whether to keep its content in memory
+        (``kept`` bytes are already)."""
         path = self.resolve(entry.path)
         try:
             info = os.lstat(path)  # one call: type, size, and no link followed
@@ -400,15 +396,7 @@ class Package:
             raise IntegrityError(f"package file {entry.path!r}", "has the wrong size (modified or truncated)",
                                  expected=f"{entry.size} bytes", got=f"{info.st_size} bytes",
                                  fix="copy the whole package again, or re-export it")
-        if not (self._keep and entry.size <= KEEP_FILE_LIMIT and kept + entry.size <= KEEP_TOTAL_LIMIT):
-            return None
-        with open(path, "rb", opener=_nofollow) as fh:
-            data = fh.read()
-        if len(data) != entry.size:  # changed since the stat above
-            raise IntegrityError(f"package file {entry.path!r}", "changed while it was being checked",
-                                 expected=f"{entry.size} bytes", got=f"{len(data)} bytes",
-                                 fix="check again once nothing writes to the package")
-        return data
+        return self._keep and entry.size <= KEEP_FILE_LIMIT and kept + entry.size <= KEEP_TOTAL_LIMIT
 
     def _check_unlisted(self, listed: set[str]) -> None:
         # Folders holding listed files, by their first path component ("onnx", "golden").
@@ -437,7 +425,7 @@ class Package:
                                              got="an unlisted file",
                                              fix="remove the file, or re-export the package")
 
-    def take_bytes(self, relative: str) -> bytes | None:
+    def take_bytes(self, relative: str) -> bytes | bytearray | None:
         """Hand over the verified in-memory copy of a file (``keep_bytes=True``), or None; the
         package lets go of it, so that it is freed as soon as the caller is done."""
         return self._bytes.pop(relative, None)
@@ -454,7 +442,7 @@ class Package:
         return iter(self.manifest.artifacts)
 
 
-def load_npz(path: str | Path, data: bytes | None = None) -> dict[str, np.ndarray]:
+def load_npz(path: str | Path, data: bytes | bytearray | None = None) -> dict[str, np.ndarray]:
     """Load every array of an ``.npz`` (no pickles), from ``data`` when its content is in memory."""
     try:
         if data is not None:
@@ -467,7 +455,7 @@ def load_npz(path: str | Path, data: bytes | None = None) -> dict[str, np.ndarra
         raise InputError(str(path), f"cannot be read as .npz ({exc})", fix="save it with numpy.savez") from None
 
 
-def _stored_npz(data: bytes) -> dict[str, np.ndarray] | None:
+def _stored_npz(data: bytes | bytearray) -> dict[str, np.ndarray] | None:
     """The arrays of an uncompressed ``.npz`` (what ``np.savez`` writes) already in memory and
     verified, or None for anything else (compressed members: ``np.load`` reads those).
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field
 
 from packager.errors import ContractError, ExitCode, InputError, PackagerError, UsageError
 from packager.fidelity.contract import check_outputs, native_contract, onnx_contract
-from packager.fidelity.metrics import OutputMetrics, compare_all, conversion_kind, noise_floor
+from packager.fidelity.metrics import OutputMetrics, compare_all, compare_cases, conversion_kind, noise_floor
 from packager.fidelity.onnx_checks import Check
 from packager.fidelity.sweep import Case, onnx_int_ranges, plan_cases, take_rows
 from packager.manifest import OutputParity, Parity
@@ -238,22 +238,59 @@ def _parse_ranges(ranges: Mapping[str, tuple[float, float]] | None, signature: S
     return signature.model_copy(update={"inputs": specs})
 
 
-def _judge(case: Case, reference: Mapping[str, np.ndarray], ref_label: str, got: Mapping[str, np.ndarray],
-           signature: Signature, kind: str, atol: Any, rtol: Any, floors: Mapping[str, float]) -> CaseResult:
-    contract = check_outputs(signature, got, case.inputs)
-    judged = compare_all(reference, got, kind, atol, rtol, floors)
-    verdict = "pass"
-    for out in judged.outputs:
+class _Judging:
+    """Numeric comparisons queued while the cases run and figured together at the end
+    (:func:`compare_cases`): one numpy pass per figure over all cases instead of one per case."""
+
+    def __init__(self, atol: Any, rtol: Any) -> None:
+        self.atol, self.rtol = atol, rtol
+        self.queue: list[tuple[CaseResult, VerifyRow, Mapping[str, np.ndarray], Mapping[str, np.ndarray],
+                               str | None]] = []
+
+    def add(self, result: CaseResult, row: VerifyRow, reference: Mapping[str, np.ndarray],
+            got: Mapping[str, np.ndarray], note_if_failed: str | None = None) -> CaseResult:
+        self.queue.append((result, row, reference, got, note_if_failed))
+        return result
+
+    def finish(self, floors: Mapping[str, float]) -> None:
+        judged = compare_cases([(ref, got, row.conversion) for _, row, ref, got, _ in self.queue], self.atol,
+                               self.rtol, floors)
+        for (result, row, ref, got, note), outcome in zip(self.queue, judged):
+            _settle(result, outcome.outputs)
+            if note and not result.passed:
+                result.notes.append(note)
+            _keep(row, result, ref, got)
+        self.queue = []
+
+
+def _settle(result: CaseResult, outputs: list[OutputMetrics]) -> None:
+    """Give a case its figures and the verdict they make with its contract problems."""
+    verdict = "contract" if result.contract else "pass"
+    for out in outputs:
         if not out.passed:
             verdict = _worse(verdict, "contract" if out.verdict == "contract" else "numeric")
-    if contract:
-        verdict = _worse(verdict, "contract")
-    return CaseResult(case=case.name, inputs=case.shapes(), reference=ref_label, verdict=verdict,
-                      passed=verdict == "pass", outputs=judged.outputs, contract=contract, notes=list(case.notes))
+    result.outputs, result.verdict, result.passed = outputs, verdict, verdict == "pass"
+
+
+def _judge(case: Case, reference: Mapping[str, np.ndarray], ref_label: str, got: Mapping[str, np.ndarray],
+           signature: Signature, row: VerifyRow, atol: Any, rtol: Any, floors: Mapping[str, float],
+           judging: _Judging | None = None, note_if_failed: str | None = None) -> CaseResult:
+    """The case's result: its contract problems now, its figures now or, with ``judging``, once
+    :meth:`_Judging.finish` runs."""
+    contract = check_outputs(signature, got, case.inputs)
+    result = CaseResult(case=case.name, inputs=case.shapes(), reference=ref_label, verdict="pass", passed=True,
+                        contract=contract, notes=list(case.notes))
+    if judging is not None:
+        return judging.add(result, row, reference, got, note_if_failed)
+    _settle(result, compare_all(reference, got, row.conversion, atol, rtol, floors).outputs)
+    if note_if_failed and not result.passed:
+        result.notes.append(note_if_failed)
+    _keep(row, result, reference, got)
+    return result
 
 
 def _consistency(case: Case, batched: Any, singles: list[Any], row: VerifyRow, signature: Signature, atol: Any,
-                 rtol: Any, floors: Mapping[str, float]) -> CaseResult:
+                 rtol: Any, floors: Mapping[str, float], judging: _Judging | None = None) -> CaseResult:
     """Row i of the batched outputs against sample i run alone (batch-dependent bugs)."""
     label = "same artifact, each row run alone"
     if isinstance(batched, BaseException):
@@ -270,14 +307,9 @@ def _consistency(case: Case, batched: Any, singles: list[Any], row: VerifyRow, s
         axis = outs[name].batch_axis if name in outs else 0
         stacked[name] = parts[0] if axis is None else np.concatenate(parts, axis=axis)
     # The noise floor applies here too: a non-deterministic model differs from itself.
-    result = _judge(Case(f"{case.name} consistency", case.inputs), dict(batched), label, stacked, signature,
-                    row.conversion, atol, rtol, floors)
-    result.case = "batch consistency"
-    if not result.passed:
-        result.notes.append("row i of a batched run differs from row i run alone: the artifact depends on the "
-                            "batch (BatchNorm/Dropout in training mode, a batch axis baked to a constant?)")
-    _keep(row, result, batched, stacked)
-    return result
+    return _judge(Case("batch consistency", case.inputs), dict(batched), label, stacked, signature, row, atol, rtol,
+                  floors, judging, note_if_failed="row i of a batched run differs from row i run alone: the artifact "
+                  "depends on the batch (BatchNorm/Dropout in training mode, a batch axis baked to a constant?)")
 
 
 def _native_problems(runner: Any, signature: Signature) -> list[str]:
@@ -530,13 +562,15 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
         for _row, runner, _art in cells:
             if runner is not None:
                 runner.close()
+    judging = _Judging(atol, rtol)
     for row in deferred.values():
         row.cases.insert(0, _run_case(cases[0], golden_ref, cases[0].reference_label, golden_got[id(row)], row,
-                                      signature, atol, rtol, floors))
+                                      signature, atol, rtol, floors, judging))
     for row, case, ref, label, outcome in pending:
-        row.cases.append(_run_case(case, ref, label, outcome, row, signature, atol, rtol, floors))
+        row.cases.append(_run_case(case, ref, label, outcome, row, signature, atol, rtol, floors, judging))
     for row, case, batched, singles in consistency:
-        row.cases.append(_consistency(case, batched, singles, row, signature, atol, rtol, floors))
+        row.cases.append(_consistency(case, batched, singles, row, signature, atol, rtol, floors, judging))
+    judging.finish(floors)
     for row in report.rows:
         _finish(row)
     report.versions = _versions()
@@ -587,7 +621,8 @@ def _batch_size(case: Case, signature: Signature) -> int:
 
 
 def _run_case(case: Case, reference: Mapping[str, np.ndarray] | None, label: str, got: Any, row: VerifyRow,
-              signature: Signature, atol: Any, rtol: Any, floors: Mapping[str, float]) -> CaseResult:
+              signature: Signature, atol: Any, rtol: Any, floors: Mapping[str, float],
+              judging: _Judging | None = None) -> CaseResult:
     """Judge one case's outcome (outputs, or the exception the run raised)."""
     if isinstance(got, BaseException):
         exc = got
@@ -611,9 +646,7 @@ def _run_case(case: Case, reference: Mapping[str, np.ndarray] | None, label: str
         return CaseResult(case=case.name, inputs=case.shapes(), reference=label,
                           verdict="contract" if contract else "pass", passed=not contract, contract=contract,
                           notes=list(case.notes))
-    result = _judge(case, reference, label, got, signature, row.conversion, atol, rtol, floors)
-    _keep(row, result, reference, got)
-    return result
+    return _judge(case, reference, label, got, signature, row, atol, rtol, floors, judging)
 
 
 def _keep(row: VerifyRow, result: CaseResult, reference: Mapping[str, np.ndarray],

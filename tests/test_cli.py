@@ -140,3 +140,10 @@ def test_tampered_package_fails_closed(torch_cnn_package, tmp_path):
 def test_schema_command_prints_json_schema():
     proc = run_cli("schema")
     assert proc.returncode == 0 and json.loads(proc.stdout)["title"] == "Manifest"
+
+
+def test_schema_command_prints_the_report_schema():
+    from packager.verifying import report_json_schema
+
+    proc = run_cli("schema", "--report")
+    assert proc.returncode == 0 and json.loads(proc.stdout) == report_json_schema()

@@ -141,3 +141,39 @@ def test_compare_outputs_keeps_its_signature(rng) -> None:
     assert compare_outputs(ref, {"y": ref["y"]}, atol={"y": 1e-6})[0].passed
     single = compare_array("y", ref["y"], ref["y"] + 1e-3, atol=1e-2)
     assert single.passed and single.atol == 1e-2
+
+
+def _same_figures(a, b) -> None:
+    left, right = a.model_dump(), b.model_dump()
+    assert left.keys() == right.keys()
+    for key, value in left.items():
+        if isinstance(value, float) and isinstance(right[key], float):
+            assert value == pytest.approx(right[key], rel=1e-9, abs=1e-300, nan_ok=True), key
+        else:
+            assert value == right[key], key
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from([(), (7,), (3, 2)]), st.integers(0, 4),
+                          st.sampled_from(["float32", "float64", "int64"])), min_size=1, max_size=6),
+       st.integers(0, 2**32 - 1))
+def test_comparisons_figured_together_equal_those_figured_alone(specs, seed) -> None:
+    """compare_many concatenates comparisons that share a tolerance and row shape: each must get
+    exactly what it would get alone (shape/dtype mismatches, NaN/Inf and empty arrays included)."""
+    from packager.fidelity.metrics import compare_many
+
+    rng = np.random.default_rng(seed)
+    items = []
+    for rows, tail, special, dtype in specs:
+        ref = (rng.standard_normal((rows, *tail)) * 10).astype(dtype)
+        got = (ref + rng.standard_normal(ref.shape) * 1e-3).astype(dtype)
+        if special == 1 and got.size and got.dtype.kind == "f":
+            got.flat[0] = np.nan
+        elif special == 2 and got.size and got.dtype.kind == "f":
+            ref.flat[-1] = got.flat[-1] = -np.inf
+        elif special == 3:
+            got = got[:-1] if rows else got  # a shape mismatch
+        items.append(("y", ref, got, FP32 if special != 4 else Tolerance(atol=0.0, rtol=0.0, source="exact")))
+    together = compare_many(items)
+    for item, result in zip(items, together):
+        _same_figures(result, compare_many([item])[0])

@@ -44,12 +44,14 @@ def ort_support() -> tuple[int, int]:
     return ir, opset
 
 
-def load_graph(path: str | Path, data: bytes | None = None) -> Any:
+def load_graph(path: str | Path, data: bytes | bytearray | None = None) -> Any:
     """The ONNX model without external weights (enough for contract and version checks),
     parsed from ``data`` when the file's content is already in memory."""
     onnx = require("onnx", extra="onnx", purpose="check ONNX artifacts")
     if data is not None:
-        return onnx.load_model_from_string(data)
+        model = onnx.ModelProto()
+        model.ParseFromString(data)  # takes any buffer (onnx.load_model_from_string wants bytes)
+        return model
     return onnx.load(str(path), load_external_data=False)
 
 
@@ -89,7 +91,7 @@ class LightGraph:
     size_problems: list[str]
 
 
-def load_light(path: str | Path, data: bytes | None = None) -> LightGraph:
+def load_light(path: str | Path, data: bytes | bytearray | None = None) -> LightGraph:
     """Parse an ONNX file (from ``data`` when its content is in memory) into a :class:`LightGraph`."""
     model = load_graph(path, data)
     external = any(t.data_location == 1 for t in model.graph.initializer)
