@@ -64,6 +64,20 @@ def test_onnx_only_package(mlp_onnx_package: Path) -> None:
     assert row.parity.passed and row.parity.outputs[0].name == "output"  # the foundation's row shape
 
 
+def test_truncated_initializer_is_named_by_the_structural_checks(mlp_onnx_package: Path, tmp_path: Path) -> None:
+    """Raw weight bytes that do not fill their dims: the checker skips this, our scan names it."""
+    from tests.fidelity.mutate import edit_onnx
+
+    def truncate(model) -> None:
+        init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+        init.raw_data = init.raw_data[:-4]
+
+    report = packager.verify(edit_onnx(mlp_onnx_package, truncate, tmp_path / "truncated"))
+    sizes = next(c for c in report.rows[0].structure if c.name == "initializer sizes")
+    assert not sizes.passed and "holds" in sizes.detail and "need" in sizes.detail
+    assert not report and report.exit_code in (3, 4)
+
+
 def test_sweep_of_other_dims_uses_the_reference_artifact(seq_package: Path) -> None:
     report = packager.verify(seq_package)
     assert report.passed, [(r.format, r.worst) for r in report.rows]

@@ -225,13 +225,7 @@ def _figures(r: np.ndarray, g: np.ndarray, sizes: list[int], tol: Tolerance) -> 
     """Every float figure of each segment of the 1-D float64 arrays ``r`` (reference) and ``g``
     (candidate), ``sizes`` long each, computed over the whole arrays at once: one numpy call
     per figure whatever the number of segments (each call costs microseconds even on 10 values)."""
-    diff = np.abs(g - r)
-    absr = np.abs(r)
-    scaled = tol.rtol * absr
-    bound = scaled + tol.atol
-    starts = np.cumsum([0, *sizes[:-1]])
-    empty = [size == 0 for size in sizes]
-    if any(empty):  # reduceat cannot reduce empty segments: figure them one by one
+    if not all(sizes):  # reduceat cannot reduce empty segments: figure them one by one
         out: list[dict[str, Any]] = []
         at = 0
         for size in sizes:
@@ -240,6 +234,11 @@ def _figures(r: np.ndarray, g: np.ndarray, sizes: list[int], tol: Tolerance) -> 
                 cosine=1.0, tolerance_use=0.0)]
             at += size
         return out
+    diff = np.abs(g - r)
+    absr = np.abs(r)
+    scaled = tol.rtol * absr
+    bound = scaled + tol.atol
+    starts = np.cumsum([0, *sizes[:-1]])
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rel = diff / absr  # inf where the reference is 0 and the candidate is not
         if absr.min() == 0:
