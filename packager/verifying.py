@@ -278,9 +278,8 @@ def _judge(case: Case, reference: Mapping[str, np.ndarray], ref_label: str, got:
     """The case's result: its contract problems now, its figures now or, with ``judging``, once
     :meth:`_Judging.finish` runs."""
     contract = check_outputs(signature, got, case.inputs)
-    # Typed values built here: skip pydantic validation, as for OutputMetrics.
-    result = CaseResult.model_construct(case=case.name, inputs=case.shapes(), reference=ref_label, verdict="pass",
-                                        passed=True, contract=contract, notes=list(case.notes))
+    result = CaseResult(case=case.name, inputs=case.shapes(), reference=ref_label, verdict="pass", passed=True,
+                        contract=contract, notes=list(case.notes))
     if judging is not None:
         return judging.add(result, row, reference, got, note_if_failed)
     _settle(result, compare_all(reference, got, row.conversion, atol, rtol, floors).outputs)

@@ -25,10 +25,6 @@ class Check(BaseModel):
     severity: str = "contract"
 
 
-#: The checks below are built from typed values: skip pydantic validation.
-_check = Check.model_construct
-
-
 @functools.lru_cache(maxsize=1)
 def ort_support() -> tuple[int, int]:
     """(max IR version, max default-domain opset) the installed ONNX Runtime understands.
@@ -119,28 +115,28 @@ def structural_checks(path: str | Path, graph: LightGraph | None = None) -> list
     try:
         # External-data models are checked by path (the checker then finds their files).
         onnx.checker.check_model(str(path) if external else light, full_check=False)
-        checks.append(_check(name="onnx.checker", passed=True, detail="graph, nodes, opset imports"))
+        checks.append(Check(name="onnx.checker", passed=True, detail="graph, nodes, opset imports"))
     except Exception as exc:  # onnx raises ValidationError/InferenceError subclasses
-        checks.append(_check(name="onnx.checker", passed=False, detail=str(exc).strip().splitlines()[0][:500]))
+        checks.append(Check(name="onnx.checker", passed=False, detail=str(exc).strip().splitlines()[0][:500]))
     try:
         if isinstance(light, bytes) and hasattr(onnx.shape_inference, "C"):
             # The binding under infer_shapes: the inferred model is not needed, only whether it fails.
             onnx.shape_inference.C.infer_shapes(light, True, True, True)
         else:
             onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True, data_prop=True)
-        checks.append(_check(name="shape inference", passed=True, detail="strict, with type checks and data "
+        checks.append(Check(name="shape inference", passed=True, detail="strict, with type checks and data "
                             "propagation (the checker's full_check)"))
     except Exception as exc:
-        checks.append(_check(name="shape inference", passed=False, detail=str(exc).strip().splitlines()[0][:500]))
-    checks.append(_check(name="initializer sizes", passed=not sizes, detail="; ".join(sizes[:3]) or "match their dims"))
+        checks.append(Check(name="shape inference", passed=False, detail=str(exc).strip().splitlines()[0][:500]))
+    checks.append(Check(name="initializer sizes", passed=not sizes, detail="; ".join(sizes[:3]) or "match their dims"))
     try:
         max_ir, max_opset = ort_support()
     except ImportError:
         return checks
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     opset = opsets.get("ai.onnx", 0)
-    checks.append(_check(name="IR version", passed=model.ir_version <= max_ir, severity="runtime",
+    checks.append(Check(name="IR version", passed=model.ir_version <= max_ir, severity="runtime",
                         detail=f"file IR {model.ir_version}, ONNX Runtime supports <= {max_ir}"))
-    checks.append(_check(name="opset", passed=opset <= max_opset, severity="runtime",
+    checks.append(Check(name="opset", passed=opset <= max_opset, severity="runtime",
                         detail=f"file opset {opset}, ONNX Runtime supports <= {max_opset}"))
     return checks
