@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator
+from typing import Collection, Iterator
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from packager.manifest import MANIFEST_NAME, Chunks, FileEntry, Manifest, load_m
 
 GOLDEN_INPUTS = "golden/inputs.npz"
 GOLDEN_OUTPUTS = "golden/outputs.npz"
-#: ``Package(keep_bytes=True)`` keeps verified files up to this size in memory, this many bytes in all.
+#: ``verify_integrity(keep=...)`` keeps verified files up to this size in memory, this many bytes in all.
 KEEP_FILE_LIMIT = 64 << 20
 KEEP_TOTAL_LIMIT = 256 << 20
 
@@ -285,12 +285,9 @@ class Package:
             every safety check, into a temporary folder that lives as long as this object).
         verify: Check every listed file's size and SHA-256, and that no unlisted file sits
             beside them, before anything reads them.
-        keep_bytes: Keep the verified content of small files in memory (up to
-            ``KEEP_FILE_LIMIT`` each, ``KEEP_TOTAL_LIMIT`` in all) for :meth:`take_bytes`: what
-            is then parsed is exactly what was hashed, and no file is read twice.
     """
 
-    def __init__(self, root: str | Path, *, verify: bool = True, keep_bytes: bool = False) -> None:
+    def __init__(self, root: str | Path, *, verify: bool = True) -> None:
         from packager.archive import is_archive, open_archive
 
         #: What the user passed (folder or archive); ``root`` is where the files are.
@@ -307,7 +304,6 @@ class Package:
                              got="missing" if not self.root.exists() else "a file",
                              fix="pass the folder written by 'packager export' or the archive from 'packager pack'")
         self.manifest: Manifest = load_manifest(self.root)
-        self._keep = keep_bytes
         self._bytes: dict[str, bytearray] = {}
         if verify:
             self.verify_integrity()
@@ -319,23 +315,30 @@ class Package:
                                 expected="a relative path inside the package", got=relative)
         return self.root / relative
 
-    def verify_integrity(self, entries: list[FileEntry] | None = None) -> IntegrityReport:
+    def verify_integrity(self, entries: list[FileEntry] | None = None, *,
+                         keep: Collection[str] = ()) -> IntegrityReport:
         """Check every listed file (size, SHA-256) and that no unlisted file sits beside them.
 
         Runs before any framework sees a byte. "Beside them" means inside a folder that holds
         listed files (an artifact folder, ``golden/``): a file dropped there (say an ONNX
         external-data file, or extra SavedModel variables) could be read by a runtime.
 
+        Args:
+            entries: Only these files (default: every listed file).
+            keep: Files whose verified content stays in memory for :meth:`take_bytes` (up to
+                ``KEEP_FILE_LIMIT`` each, ``KEEP_TOTAL_LIMIT`` in all): what the caller then
+                parses is exactly what was hashed, and no file is read twice.
+
         Raises:
             IntegrityError: Naming the first file that is missing, differs, is a link, or is unlisted.
         """
         try:
-            return self._verify_integrity(entries)
+            return self._verify_integrity(entries, set(keep))
         except OSError as exc:  # e.g. a name too long for this file system, a permission error
             raise IntegrityError(f"package file {exc.filename!r}", f"cannot be read ({exc.strerror})",
                                  fix="copy the whole package again, or re-export it") from None
 
-    def _verify_integrity(self, entries: list[FileEntry] | None) -> IntegrityReport:
+    def _verify_integrity(self, entries: list[FileEntry] | None, keep: set[str]) -> IntegrityReport:
         started = time.perf_counter()
         entries = entries if entries is not None else self.manifest.all_files()
         listed: set[str] = set()
@@ -345,18 +348,19 @@ class Package:
         spans: list[Span] = []
         for entry in entries:
             try:
-                keep = self._check_file(entry, kept)
+                self._check_file(entry)
             except OSError as exc:  # unreadable, name too long for this file system, ...
                 raise IntegrityError(f"package file {entry.path!r}", f"cannot be read ({exc.strerror or exc})",
                                      expected="a readable file listed in manifest.json", got=type(exc).__name__,
                                      fix="copy the whole package again, or re-export it") from None
-            data = bytearray(entry.size) if keep else None  # filled by the hashing threads
+            kept_here = entry.path in keep and entry.size <= KEEP_FILE_LIMIT and kept + entry.size <= KEEP_TOTAL_LIMIT
+            data = bytearray(entry.size) if kept_here else None  # filled by the hashing threads
             parts = spans_of(self.resolve(entry.path), entry.size, entry.chunks.size if entry.chunks else None,
                              into=memoryview(data) if data is not None else None)
             work.append((entry, data, len(parts)))
             spans += parts
             total += entry.size
-            kept += entry.size if keep else 0
+            kept += entry.size if kept_here else 0
             listed.add(Path(entry.path).as_posix())
         try:
             digests = iter(digest_spans(spans))
@@ -378,9 +382,8 @@ class Package:
         self._check_unlisted(listed)
         return IntegrityReport(files=len(listed), bytes=total, seconds=time.perf_counter() - started)
 
-    def _check_file(self, entry: FileEntry, kept: int) -> bool:
-        """Check one listed file's type and size; return whether to keep its content in memory
-        (``kept`` bytes are already)."""
+    def _check_file(self, entry: FileEntry) -> None:
+        """Check one listed file's type and size."""
         path = self.resolve(entry.path)
         try:
             info = os.lstat(path)  # one call: type, size, and no link followed
@@ -396,7 +399,6 @@ class Package:
             raise IntegrityError(f"package file {entry.path!r}", "has the wrong size (modified or truncated)",
                                  expected=f"{entry.size} bytes", got=f"{info.st_size} bytes",
                                  fix="copy the whole package again, or re-export it")
-        return self._keep and entry.size <= KEEP_FILE_LIMIT and kept + entry.size <= KEEP_TOTAL_LIMIT
 
     def _check_unlisted(self, listed: set[str]) -> None:
         # Folders holding listed files, by their first path component ("onnx", "golden").
@@ -426,7 +428,7 @@ class Package:
                                              fix="remove the file, or re-export the package")
 
     def take_bytes(self, relative: str) -> bytes | bytearray | None:
-        """Hand over the verified in-memory copy of a file (``keep_bytes=True``), or None; the
+        """Hand over the verified in-memory copy of a file (``verify_integrity(keep=...)``), or None; the
         package lets go of it, so that it is freed as soon as the caller is done."""
         return self._bytes.pop(relative, None)
 

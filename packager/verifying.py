@@ -387,10 +387,11 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
     from runtimes import parse_device, runner_class
 
     start = time.perf_counter()
-    # Small verified files stay in memory: the ONNX graph and golden data are parsed from the
-    # bytes that were hashed, without reading them again.
-    package = Package(path, keep_bytes=True)
+    # The ONNX graphs and golden data are parsed from the very bytes that were hashed.
+    package = Package(path, verify=False)
     manifest = package.manifest
+    package.verify_integrity(keep=[a.path for a in manifest.artifacts if a.format == "onnx"] +
+                             ([manifest.golden.inputs.path, manifest.golden.outputs.path] if manifest.golden else []))
     signature = _parse_ranges(input_ranges, manifest.signature)
     device_list = [str(parse_device(d)) for d in devices]
     if not device_list:
