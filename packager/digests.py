@@ -24,8 +24,8 @@ CHUNKS_MAX = 64
 
 #: Below this many bytes in all, digests are computed on the calling thread alone.
 _INLINE_BYTES = 1 << 20
-#: Hashing threads (the calling thread is one of them).
-WORKERS = min(32, os.cpu_count() or 1)
+#: Hashing threads (the calling thread is one of them): the CPUs this process may run on.
+WORKERS = min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
 _pool_lock = threading.Lock()
