@@ -58,6 +58,20 @@ def _check(out: Path, x: np.ndarray, reference: np.ndarray) -> None:
     assert not list(out.parent.glob(f".{out.name}*")), "journal or temp files left behind"
 
 
+def _crash_after(monkeypatch: pytest.MonkeyPatch, batches: int) -> None:
+    """Fault injection: the batch after the first ``batches`` dies like a Ctrl-C."""
+    original = ChunkRunner.run_chunk
+    calls = {"n": 0}
+
+    def crash(self, chunk):
+        calls["n"] += 1
+        if calls["n"] > batches:
+            raise KeyboardInterrupt
+        return original(self, chunk)
+
+    monkeypatch.setattr(ChunkRunner, "run_chunk", crash)
+
+
 @pytest.mark.parametrize("name", ["out.npz", "out.npy"])
 def test_sigkill_at_random_points_then_resume_gives_every_row_once(mlp_onnx_package: Path, dataset, tmp_path: Path,
                                                                    name: str) -> None:
@@ -128,19 +142,10 @@ def test_interrupted_run_resumes_from_the_last_shard(mlp_onnx_package: Path, dat
         ref[data["id"]] = data["output"]
 
     out = tmp_path / "out.npz"
-    original = ChunkRunner.run_chunk
-    calls = {"n": 0}
-
-    def crash_after_25(self, chunk):  # fault injection: the 26th batch dies like a Ctrl-C
-        calls["n"] += 1
-        if calls["n"] > 25:
-            raise KeyboardInterrupt
-        return original(self, chunk)
-
-    monkeypatch.setattr(ChunkRunner, "run_chunk", crash_after_25)
+    _crash_after(monkeypatch, 25)
     with pytest.raises(KeyboardInterrupt):
         run_dataset(mlp_onnx_package, source, out, config=config)
-    monkeypatch.setattr(ChunkRunner, "run_chunk", original)
+    monkeypatch.undo()
     assert not out.exists()
     journal = out.parent / f".{out.name}.parts" / "journal.jsonl"
     with open(journal, "a") as fh:
@@ -175,16 +180,7 @@ def test_other_arguments_do_not_resume_someone_elses_shards(mlp_onnx_package: Pa
     source, _ = dataset
     out = tmp_path / "o.parquet"
     config = RunConfig(batch_size=1000, shard_rows=5000, on_error="skip")
-    original = ChunkRunner.run_chunk
-    calls = {"n": 0}
-
-    def crash(self, chunk):
-        calls["n"] += 1
-        if calls["n"] > 12:
-            raise KeyboardInterrupt
-        return original(self, chunk)
-
-    monkeypatch.setattr(ChunkRunner, "run_chunk", crash)
+    _crash_after(monkeypatch, 12)
     with pytest.raises(KeyboardInterrupt):
         run_dataset(mlp_onnx_package, source, out, config=config)
     monkeypatch.undo()

@@ -530,6 +530,16 @@ def resave(files: Any, prefix: Path, target: str, ctx: ExportContext | None = No
                           details="\n".join(ctx.log[-2:]) if ctx else None) from None
 
 
+#: How ONNX Runtime names the failing node in its load and run errors.
+_ORT_NODE = re.compile(r"[Nn]ode \(([^)]+)\)|node name: ([\w./:-]+)\)?|Node:\s*([\w./-]+)")
+
+
+def _ort_node(exc: BaseException) -> str | None:
+    """``node NAME`` from an ONNX Runtime error, when it names one."""
+    found = _ORT_NODE.search(str(exc))
+    return f"node {next(g for g in found.groups() if g)}" if found else None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     for line in text.splitlines():
@@ -810,8 +820,7 @@ def _check_onnx(attempt: Attempt, ctx: ExportContext, reference: list[np.ndarray
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:
         attempt.reason = _first_line(exc)
-        node = re.search(r"[Nn]ode \(([^)]+)\)|node name: ([\w./:-]+)\)?|Node:\s*([\w./-]+)", str(exc))
-        attempt.node = f"node {next(g for g in node.groups() if g)}" if node else None
+        attempt.node = _ort_node(exc)
         return
     attempt.step = "run"
     try:
@@ -819,8 +828,7 @@ def _check_onnx(attempt: Attempt, ctx: ExportContext, reference: list[np.ndarray
         got = dict(zip(names, session.run(names, ctx.example_inputs)))
     except Exception as exc:
         attempt.reason = _first_line(exc)
-        node = re.search(r"[Nn]ode \(([^)]+)\)", str(exc))
-        attempt.node = f"node {node.group(1)}" if node else None
+        attempt.node = _ort_node(exc)
         return
     attempt.step = "compare"
     results = compare_outputs(dict(zip(ctx.signature.output_names, reference)), got)

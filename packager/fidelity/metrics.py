@@ -178,11 +178,16 @@ def _topk(refs: np.ndarray, gots: np.ndarray) -> tuple[np.ndarray, np.ndarray, i
     return top1[0] == top1[1], overlap, k
 
 
+def _base(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> dict[str, Any]:
+    """The fields every comparison result carries: what was compared, and with which tolerance."""
+    return dict(name=name, shape=list(got.shape), dtype=got.dtype.name, reference_dtype=ref.dtype.name,
+                atol=tol.atol, rtol=tol.rtol, tolerance_source=tol.source)
+
+
 def _early(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> OutputMetrics | None:
     """The result of comparisons that need no float figures: shape or dtype mismatches (a
     contract verdict) and integer/bool outputs (exact match, the figures are counts)."""
-    base = dict(name=name, shape=list(got.shape), dtype=got.dtype.name, reference_dtype=ref.dtype.name,
-                atol=tol.atol, rtol=tol.rtol, tolerance_source=tol.source)
+    base = _base(name, ref, got, tol)
     if ref.shape != got.shape:
         return _metrics(passed=False, verdict="contract", **base,
                         problem=f"shape {list(got.shape)} differs from the reference {list(ref.shape)}")
@@ -350,8 +355,7 @@ def _float_result(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, f
                     f"(max abs error {figures['max_abs']:.3g}; would pass with atol {figures['min_atol']:.3g})"]
     top1, topk, k = scores
     return _metrics(
-        name=name, shape=list(got.shape), dtype=got.dtype.name, reference_dtype=ref.dtype.name, atol=tol.atol,
-        rtol=tol.rtol, tolerance_source=tol.source, passed=passed, verdict="pass" if passed else "numeric",
+        **_base(name, ref, got, tol), passed=passed, verdict="pass" if passed else "numeric",
         problem="; ".join(problems) or None, elements=n, out_of_tolerance=n_out / max(n, 1),
         near_fail=passed and figures["tolerance_use"] > NEAR_FAIL, top1_agreement=top1, topk_agreement=topk, k=k,
         **{"nan_reference": 0, "nan_candidate": 0, "inf_reference": 0, "inf_candidate": 0, **counts}, **figures)
