@@ -1,7 +1,7 @@
-"""Output comparison for export-time parity: a thin layer over the fidelity metrics.
+"""Output comparison in the manifest's parity shape: a thin layer over the judge.
 
-Export parity calls :func:`compare_outputs`; ``packager verify`` uses the same
-:mod:`packager.fidelity.metrics` with every figure kept.
+Every verdict comes from :class:`packager.fidelity.judge.Judge` (export parity, ``verify``, the
+callbacks, conversion attempts); this module keeps the small public helpers.
 """
 
 from __future__ import annotations
@@ -10,48 +10,39 @@ from typing import Mapping
 
 import numpy as np
 
-from packager.fidelity.metrics import CONVERTED, OutputMetrics, Tolerance, compare_all, compare_metrics, resolve_tolerance
-from packager.manifest import OutputParity
+from packager.fidelity.judge import UNMEASURED, Judge, as_parity
+from packager.fidelity.metrics import compare_metrics
+from packager.manifest import OutputNoise, OutputParity
 
-#: (atol, rtol) per output dtype used at export time (the converted-artifact bound; see
-#: :mod:`packager.fidelity.metrics` for the native and reduced-precision tables).
-DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = CONVERTED
+#: (atol, rtol) per output dtype when no noise was recorded (rtol relative to the output's scale).
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = UNMEASURED
 
 
 def default_tolerance(dtype: str) -> tuple[float, float]:
-    """(atol, rtol) for outputs of ``dtype``; integers and bools must match exactly."""
+    """(atol, rtol) for outputs of ``dtype`` without a noise record; integers and bools exact."""
     return DEFAULT_TOLERANCES.get(dtype, (0.0, 0.0))
 
 
 def compare_array(name: str, reference: np.ndarray, candidate: np.ndarray, *, atol: float | None = None,
-                  rtol: float | None = None) -> OutputParity:
+                  rtol: float | None = None, noise: OutputNoise | None = None) -> OutputParity:
     """Compare one output. Shapes and dtypes must agree before numbers are compared."""
-    return _parity(compare_metrics(name, reference, candidate, _tolerance(name, np.asarray(reference), atol, rtol)))
-
-
-def _tolerance(name: str, ref: np.ndarray, atol: float | None, rtol: float | None) -> Tolerance:
-    # Export-time parity keeps the foundation's per-dtype table (a converted-artifact bound).
-    return resolve_tolerance(name, ref.dtype.name, "converted", atol, rtol)
-
-
-def _parity(m: OutputMetrics) -> OutputParity:
-    return OutputParity(name=m.name, passed=m.passed, max_abs=m.max_abs, max_rel=m.max_rel, atol=m.atol,
-                        rtol=m.rtol, problem=m.problem)
+    judge = Judge(atol, rtol, {name: noise} if noise is not None else {})
+    tol = judge.tolerance(name, np.asarray(reference).dtype.name)
+    return as_parity(compare_metrics(name, reference, candidate, tol))
 
 
 def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], *,
                     atol: float | Mapping[str, float] | None = None,
-                    rtol: float | Mapping[str, float] | None = None) -> list[OutputParity]:
+                    rtol: float | Mapping[str, float] | None = None,
+                    noise: Mapping[str, OutputNoise] | None = None) -> list[OutputParity]:
     """Compare every reference output with the candidate's output of the same name.
 
     Args:
         reference: Reference outputs by name.
         candidate: Candidate outputs by name.
         atol: One absolute tolerance, or one per output name (``"*"``: the others; the rest
-            use the dtype default).
-        rtol: Same for the relative tolerance.
-
-    The full figures (mean error, p99, cosine, top-k, minimum passing tolerances) come from
-    :func:`packager.fidelity.metrics.compare_all`; this keeps the manifest's parity shape.
+            use the judge's rules).
+        rtol: Same for the relative tolerance (relative to each output's scale).
+        noise: Per output, the rounding noise recorded at export.
     """
-    return [_parity(m) for m in compare_all(reference, candidate, "converted", atol, rtol).outputs]
+    return Judge(atol, rtol, dict(noise or {})).parity(reference, candidate)

@@ -11,11 +11,11 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from packager import __version__
-from packager.compare import compare_outputs
 from packager.errors import (ExportError, FidelityError, InputError, PackagerError, RuntimeLoadError,
                              SignatureError, UsageError)
 from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions, detect_framework, exporter
-from packager.manifest import Artifact, Golden, Manifest, Parity, Source
+from packager.fidelity.judge import Judge, as_parity, conversion_kind
+from packager.manifest import Artifact, Golden, Manifest, OutputNoise, Parity, Source
 from packager.package import GOLDEN_INPUTS, GOLDEN_OUTPUTS, PackageWriter, check_destination, load_npz
 from packager.signature import BATCH, Signature, TensorSpec, infer_output_specs, parse_input_specs, spec_from_array
 from runtimes import FORMAT_RUNTIMES
@@ -251,9 +251,10 @@ def export(
     outputs = infer_output_specs(names, reference, reference_b, sizes_a, sizes_b)
     signature = signature.model_copy(update={"outputs": outputs})
     ref = dict(zip(names, reference))
+    noise = _reference_noise(framework, fw, loaded, signature, example, ref, Judge(atol, rtol), notes)
 
     ctx = ExportContext(signature=signature, example_inputs=example, opset=opset, options=dict(options or {}),
-                        log=notes)
+                        log=notes, judge=Judge(atol, rtol, noise))
     # Parity also runs at the second sizes: an artifact whose batch (or seq) axis was baked
     # to the export size passes on the golden inputs but fails here.
     extra_cases = [(second, dict(zip(names, reference_b)))] if second is not None and sizes_b != sizes_a else []
@@ -277,10 +278,11 @@ def export(
             art = Artifact(format=fmt, path=spec.path, files=writer.files(fmt), runtimes=list(runtimes),
                            options=spec.options)
             art.parity = [check_parity(writer.root / spec.path, art, signature, example, ref, atol, rtol,
-                                       extra_cases=extra_cases)]
+                                       extra_cases=extra_cases, noise=noise)]
             artifacts.append(art)
         golden = Golden(inputs=writer.write_npz(GOLDEN_INPUTS, example),
-                        outputs=writer.write_npz(GOLDEN_OUTPUTS, ref), reference=loaded.reference)
+                        outputs=writer.write_npz(GOLDEN_OUTPUTS, ref), reference=loaded.reference,
+                        noise=noise)
         manifest = Manifest(
             name=name or out.name, packager_version=__version__,
             source=Source(framework=framework, framework_version=versions[framework], kind=loaded.kind,
@@ -305,15 +307,35 @@ def _extra(log: list[str], **source_options: str | None) -> dict[str, Any]:
     return extra
 
 
+def _reference_noise(framework: str, fw: Any, loaded: LoadedModel, signature: Signature,
+                     example: dict[str, np.ndarray], ref: dict[str, np.ndarray], judge: Judge,
+                     notes: list[str]) -> dict[str, OutputNoise]:
+    """Each output's rounding noise for the judge (:mod:`packager.fidelity.noise`); a reference
+    that proves nothing (constant, all zero) is said in the log and the manifest, not failed."""
+    from packager.fidelity.noise import degenerate_notes, measure_noise
+
+    noise = measure_noise(framework, fw, loaded, signature, example, ref)
+    for note in degenerate_notes(Judge(judge.atol, judge.rtol, noise), ref, noise):
+        log.warning("%s", note)
+        notes.append(note)
+    return noise
+
+
 def check_parity(path: Path, artifact: Artifact, signature: Signature, inputs: dict[str, np.ndarray],
                  reference: dict[str, np.ndarray], atol: Any, rtol: Any, device: str = "cpu",
-                 extra_cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = ()) -> Parity:
+                 extra_cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = (),
+                 noise: Mapping[str, OutputNoise] | None = None) -> Parity:
     """Run one artifact with its first runtime on the golden inputs (and ``extra_cases``) and
-    compare with the reference; per output, the failing (else the worst) case is kept."""
+    judge it against the reference with :class:`packager.fidelity.judge.Judge`, the rules
+    ``verify`` applies (``noise``: the outputs' noise record, as written to the manifest); per
+    output, the failing (else the worst) case is kept."""
     from runtimes import runner_class
 
     runtime = artifact.runtimes[0]
+    judge = Judge(atol, rtol, dict(noise or {}))
+    kind = conversion_kind(artifact.format, artifact.options)
     per_output: dict[str, Any] = {}
+    degenerate: list[str] = []
     try:
         with runner_class(runtime)(path, signature=signature, device=device,
                                    **artifact.options.get("runner", {})) as runner:
@@ -324,7 +346,10 @@ def check_parity(path: Path, artifact: Artifact, signature: Signature, inputs: d
                     shape = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
                     return Parity(runtime=runtime, device=device, passed=False,
                                   error=f"with inputs {shape}: {exc.message}")
-                for result in compare_outputs(want, got, atol=atol, rtol=rtol):
+                judged = judge.compare(want, got, kind, device)
+                if case == 0:
+                    degenerate = judged.degenerate
+                for result in map(as_parity, judged.outputs):
                     if case and result.problem:
                         shape = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
                         result.problem = f"with inputs {shape}: {result.problem}"
@@ -332,7 +357,7 @@ def check_parity(path: Path, artifact: Artifact, signature: Signature, inputs: d
                     if kept is None or (kept.passed and (not result.passed or
                                                          (result.max_abs or 0) > (kept.max_abs or 0))):
                         per_output[result.name] = result
-            notes = list(runner.notes)
+            notes = list(runner.notes) + degenerate
     except PackagerError as exc:
         return Parity(runtime=runtime, device=device, passed=False, error=exc.message)
     results = list(per_output.values())

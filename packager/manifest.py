@@ -110,12 +110,25 @@ class Source(_Model):
     builder: str | None = None
 
 
+class OutputNoise(_Model):
+    """An output's intrinsic rounding noise, measured at export (judged by packager.fidelity.judge)."""
+
+    scale: float = Field(ge=0, description="max |reference| of the golden output (finite elements).")
+    noise: float | None = Field(None, ge=0, description="Max abs difference between the fp32 reference and an "
+                                "equivalent computation (None: not measured).")
+    method: str = Field("none", description="'float64' (eager model in float64), 'rows alone' (each row run "
+                        "alone, the spread of equivalent fp32 computations) or 'none'.")
+    degenerate: str | None = Field(None, description="Why parity on this output is not informative (constant).")
+
+
 class Golden(_Model):
     """Golden inputs and the reference outputs for them."""
 
     inputs: FileEntry
     outputs: FileEntry
     reference: str = Field(description="What produced the outputs, e.g. 'torch eager'.")
+    #: Optional: packages exported before the noise record load and verify with the defaults.
+    noise: dict[str, OutputNoise] = Field(default_factory=dict, description="Per output: rounding noise and scale.")
 
 
 class Manifest(_Model):

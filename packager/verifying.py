@@ -7,8 +7,9 @@ A verification checks every artifact x runtime x device cell of a package:
 2. the golden case against the golden outputs (or the eager model with ``reference="eager"``);
 3. a shape sweep (batch 1, an odd batch, the declared extremes of other dynamic dims) and
    batch consistency (row i of a batched run equals row i run alone);
-4. per-output metrics judged with tolerances chosen by dtype and conversion kind, raised to a
-   measured noise floor when the live reference is not deterministic.
+4. per-output metrics judged by :class:`packager.fidelity.judge.Judge`, the rules export parity
+   applies (the outputs' rounding noise recorded at export, relative to each output's scale),
+   raised to a measured noise floor when the live reference is not deterministic.
 
 Cases with new inputs need a live reference: the package's designated reference artifact (the
 one closest to eager: TorchScript/torch.export, SavedModel, Paddle inference) once it passed
@@ -28,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field
 
 from packager.errors import ContractError, ExitCode, InputError, PackagerError, UsageError
 from packager.fidelity.contract import check_outputs, native_contract, onnx_contract
-from packager.fidelity.metrics import OutputMetrics, compare_all, compare_cases, conversion_kind, noise_floor
+from packager.fidelity.judge import Judge, conversion_kind, judge_for
+from packager.fidelity.metrics import OutputMetrics, noise_floor
 from packager.fidelity.onnx_checks import Check
 from packager.fidelity.sweep import Case, onnx_int_ranges, plan_cases, take_rows
 from packager.manifest import OutputParity, Parity
@@ -85,7 +87,8 @@ class VerifyRow(BaseModel):
     format: str
     runtime: str
     device: str
-    conversion: str = Field(description="native, converted or reduced:<dtype>; picks default tolerances.")
+    conversion: str = Field(description="native, converted or reduced:<dtype>; only a declared reduced "
+                            "precision changes the tolerance (one rule set for every format).")
     verdict: str = "pass"
     error: str | None = Field(None, description="Load or run failure of the artifact in this cell.")
     contract: list[str] = Field(default_factory=list, description="Static contract problems (ONNX graph).")
@@ -240,10 +243,10 @@ def _parse_ranges(ranges: Mapping[str, tuple[float, float]] | None, signature: S
 
 class _Judging:
     """Numeric comparisons queued while the cases run and figured together at the end
-    (:func:`compare_cases`): one numpy pass per figure over all cases instead of one per case."""
+    (:meth:`Judge.compare_cases`): one numpy pass per figure over all cases instead of one per case."""
 
-    def __init__(self, atol: Any, rtol: Any) -> None:
-        self.atol, self.rtol = atol, rtol
+    def __init__(self, judge: Judge) -> None:
+        self.judge = judge
         self.queue: list[tuple[CaseResult, VerifyRow, Mapping[str, np.ndarray], Mapping[str, np.ndarray],
                                str | None]] = []
 
@@ -252,9 +255,9 @@ class _Judging:
         self.queue.append((result, row, reference, got, note_if_failed))
         return result
 
-    def finish(self, floors: Mapping[str, float]) -> None:
-        judged = compare_cases([(ref, got, row.conversion) for _, row, ref, got, _ in self.queue], self.atol,
-                               self.rtol, floors)
+    def finish(self) -> None:
+        judged = self.judge.compare_cases([(ref, got, row.conversion, row.device)
+                                           for _, row, ref, got, _ in self.queue])
         for (result, row, ref, got, note), outcome in zip(self.queue, judged):
             _settle(result, outcome.outputs)
             if note and not result.passed:
@@ -273,7 +276,7 @@ def _settle(result: CaseResult, outputs: list[OutputMetrics]) -> None:
 
 
 def _judge(case: Case, reference: Mapping[str, np.ndarray], ref_label: str, got: Mapping[str, np.ndarray],
-           signature: Signature, row: VerifyRow, atol: Any, rtol: Any, floors: Mapping[str, float],
+           signature: Signature, row: VerifyRow, judge: Judge,
            judging: _Judging | None = None, note_if_failed: str | None = None) -> CaseResult:
     """The case's result: its contract problems now, its figures now or, with ``judging``, once
     :meth:`_Judging.finish` runs."""
@@ -282,15 +285,15 @@ def _judge(case: Case, reference: Mapping[str, np.ndarray], ref_label: str, got:
                         contract=contract, notes=list(case.notes))
     if judging is not None:
         return judging.add(result, row, reference, got, note_if_failed)
-    _settle(result, compare_all(reference, got, row.conversion, atol, rtol, floors).outputs)
+    _settle(result, judge.compare(reference, got, row.conversion, row.device).outputs)
     if note_if_failed and not result.passed:
         result.notes.append(note_if_failed)
     _keep(row, result, reference, got)
     return result
 
 
-def _consistency(case: Case, batched: Any, singles: list[Any], row: VerifyRow, signature: Signature, atol: Any,
-                 rtol: Any, floors: Mapping[str, float], judging: _Judging | None = None) -> CaseResult:
+def _consistency(case: Case, batched: Any, singles: list[Any], row: VerifyRow, signature: Signature, judge: Judge,
+                 judging: _Judging | None = None) -> CaseResult:
     """Row i of the batched outputs against sample i run alone (batch-dependent bugs)."""
     label = "same artifact, each row run alone"
     if isinstance(batched, BaseException):
@@ -307,8 +310,8 @@ def _consistency(case: Case, batched: Any, singles: list[Any], row: VerifyRow, s
         axis = outs[name].batch_axis if name in outs else 0
         stacked[name] = parts[0] if axis is None else np.concatenate(parts, axis=axis)
     # The noise floor applies here too: a non-deterministic model differs from itself.
-    return _judge(Case("batch consistency", case.inputs), dict(batched), label, stacked, signature, row, atol, rtol,
-                  floors, judging, note_if_failed="row i of a batched run differs from row i run alone: the artifact "
+    return _judge(Case("batch consistency", case.inputs), dict(batched), label, stacked, signature, row, judge,
+                  judging, note_if_failed="row i of a batched run differs from row i run alone: the artifact "
                   "depends on the batch (BatchNorm/Dropout in training mode, a batch axis baked to a constant?)")
 
 
@@ -320,6 +323,13 @@ def _native_problems(runner: Any, signature: Signature) -> list[str]:
     except Exception:
         return []
     return native_contract(native, signature)
+
+
+def _degenerate(report: VerifyReport) -> list[str]:
+    """Once per output: a golden reference that cannot tell a right artifact from a wrong one
+    (constant, all zero). Not a failure: the numbers are still judged, they just prove little."""
+    notes = (o.degenerate for r in report.rows for c in r.cases if c.case == "golden" for o in c.outputs)
+    return [n for n in dict.fromkeys(notes) if n and n not in report.notes]
 
 
 def _finish(row: VerifyRow) -> None:
@@ -483,11 +493,11 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
                              expected=sorted({r for a in manifest.artifacts for r in a.runtimes}))
 
         live: Any = eager
-        floors: dict[str, float] = {}
+        judge = judge_for(manifest, atol, rtol)
         golden_ref = cases[0].reference
         if eager is not None:
             try:
-                golden_ref, floors = _run_reference_twice(eager, cases[0].inputs, report)
+                golden_ref, judge.floors = _run_reference_twice(eager, cases[0].inputs, report)
             except PackagerError:
                 raise
             except Exception as exc:
@@ -511,7 +521,7 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
             if runner is not None:
                 if pick_live or isinstance(golden_got[id(row)], BaseException):
                     row.cases.append(_run_case(cases[0], golden_ref, cases[0].reference_label, golden_got[id(row)],
-                                               row, signature, atol, rtol, floors))
+                                               row, signature, judge))
                 else:
                     deferred[id(row)] = row
 
@@ -525,7 +535,7 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
                 continue
             try:
                 if i == 0 and eager is None:  # the first run pair also measures the noise floor
-                    live_outputs[case.name], floors = _run_reference_twice(live, case.inputs, report)
+                    live_outputs[case.name], judge.floors = _run_reference_twice(live, case.inputs, report)
                     continue
                 live_outputs[case.name] = live.run(case.inputs)
             except Exception as exc:
@@ -563,17 +573,18 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
         for _row, runner, _art in cells:
             if runner is not None:
                 runner.close()
-    judging = _Judging(atol, rtol)
+    judging = _Judging(judge)
     for row in deferred.values():
         row.cases.insert(0, _run_case(cases[0], golden_ref, cases[0].reference_label, golden_got[id(row)], row,
-                                      signature, atol, rtol, floors, judging))
+                                      signature, judge, judging))
     for row, case, ref, label, outcome in pending:
-        row.cases.append(_run_case(case, ref, label, outcome, row, signature, atol, rtol, floors, judging))
+        row.cases.append(_run_case(case, ref, label, outcome, row, signature, judge, judging))
     for row, case, batched, singles in consistency:
-        row.cases.append(_consistency(case, batched, singles, row, signature, atol, rtol, floors, judging))
-    judging.finish(floors)
+        row.cases.append(_consistency(case, batched, singles, row, signature, judge, judging))
+    judging.finish()
     for row in report.rows:
         _finish(row)
+    report.notes += _degenerate(report)
     report.versions = _versions()
     report.seconds = time.perf_counter() - start
     return report
@@ -622,7 +633,7 @@ def _batch_size(case: Case, signature: Signature) -> int:
 
 
 def _run_case(case: Case, reference: Mapping[str, np.ndarray] | None, label: str, got: Any, row: VerifyRow,
-              signature: Signature, atol: Any, rtol: Any, floors: Mapping[str, float],
+              signature: Signature, judge: Judge,
               judging: _Judging | None = None) -> CaseResult:
     """Judge one case's outcome (outputs, or the exception the run raised)."""
     if isinstance(got, BaseException):
@@ -647,7 +658,7 @@ def _run_case(case: Case, reference: Mapping[str, np.ndarray] | None, label: str
         return CaseResult(case=case.name, inputs=case.shapes(), reference=label,
                           verdict="contract" if contract else "pass", passed=not contract, contract=contract,
                           notes=list(case.notes))
-    return _judge(case, reference, label, got, signature, row, atol, rtol, floors, judging)
+    return _judge(case, reference, label, got, signature, row, judge, judging)
 
 
 def _keep(row: VerifyRow, result: CaseResult, reference: Mapping[str, np.ndarray],

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from packager.compare import compare_array, compare_outputs, default_tolerance
-from packager.fidelity.metrics import (Tolerance, compare_all, compare_metrics, conversion_kind, noise_floor,
-                                       resolve_tolerance)
+from packager.fidelity.judge import Judge, conversion_kind, resolve_tolerance
+from packager.fidelity.metrics import Tolerance, compare_metrics, noise_floor
 
 FP32 = Tolerance(atol=1e-4, rtol=1e-4, source="test")
 
@@ -108,7 +108,8 @@ def test_tolerances_by_dtype_and_conversion() -> None:
     native = resolve_tolerance("y", "float32", "native")
     converted = resolve_tolerance("y", "float32", "converted")
     half = resolve_tolerance("y", "float32", "reduced:float16")
-    assert native.atol < converted.atol < half.atol
+    # One rule set: a native artifact is judged exactly like a converted one (issue 11, item 2).
+    assert (native.atol, native.rtol) == (converted.atol, converted.rtol) and converted.atol < half.atol
     assert resolve_tolerance("y", "int64", "reduced:float16").atol == 0.0
 
 
@@ -124,12 +125,12 @@ def test_noise_floor_raises_atol() -> None:
     assert floors == {"y": pytest.approx(2e-4)}
     tol = resolve_tolerance("y", "float32", "converted", floor=floors["y"])
     assert tol.atol == pytest.approx(4e-4) and "noise floor" in tol.source
-    judged = compare_all({"y": np.zeros(3)}, {"y": np.array([0.0, 3e-4, 0.0])}, "converted", floors=floors)
+    judged = Judge(floors=floors).compare({"y": np.zeros(3)}, {"y": np.array([0.0, 3e-4, 0.0])})
     assert judged.passed
 
 
 def test_missing_and_extra_outputs_are_contract() -> None:
-    judged = compare_all({"a": np.zeros(2), "b": np.zeros(2)}, {"a": np.zeros(2), "c": np.zeros(2)}, "converted")
+    judged = Judge().compare({"a": np.zeros(2), "b": np.zeros(2)}, {"a": np.zeros(2), "c": np.zeros(2)})
     by = {o.name: o for o in judged.outputs}
     assert by["a"].passed and by["b"].verdict == "contract" and by["c"].verdict == "contract"
 

@@ -48,7 +48,8 @@ def export_verified(source: Any, out: str | Path, **export_kwargs: Any) -> Callb
     candidate = stage / "pkg"
     try:
         result = export(source, out=candidate, **{k: v for k, v in export_kwargs.items() if k not in ("out",)})
-        report = verify(candidate)
+        # The same judge as export parity: the --atol/--rtol given for the export apply here too.
+        report = verify(candidate, atol=export_kwargs.get("atol"), rtol=export_kwargs.get("rtol"))
         if not report.passed:
             bad = [f"{r.format}/{r.parity.runtime}" for r in report.rows if not r.passed]
             return CallbackVerdict(False, f"verification failed for {', '.join(bad)}; kept the previous package")

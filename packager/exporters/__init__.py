@@ -76,6 +76,9 @@ class ExportContext:
     options: dict[str, Any] = field(default_factory=dict)
     #: Messages to keep in the report (captured converter logs, workarounds tried).
     log: list[str] = field(default_factory=list)
+    #: The export's judge (packager.fidelity.judge.Judge: --atol/--rtol and the noise record), for
+    #: exporters that compare conversion attempts themselves; None: the default rules.
+    judge: Any = None
 
 
 @dataclass

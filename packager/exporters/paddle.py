@@ -800,7 +800,7 @@ def _check_onnx(attempt: Attempt, ctx: ExportContext, reference: list[np.ndarray
     import onnx
     import onnxruntime as ort
 
-    from packager.compare import compare_outputs
+    from packager.fidelity.judge import Judge
 
     attempt.step = "check"
     try:
@@ -831,7 +831,8 @@ def _check_onnx(attempt: Attempt, ctx: ExportContext, reference: list[np.ndarray
         attempt.node = _ort_node(exc)
         return
     attempt.step = "compare"
-    results = compare_outputs(dict(zip(ctx.signature.output_names, reference)), got)
+    # The export's own judge: --atol/--rtol and the noise record, exactly as parity and verify.
+    results = (ctx.judge or Judge()).parity(dict(zip(ctx.signature.output_names, reference)), got)
     bad = [r for r in results if not r.passed]
     if bad:
         attempt.reason = "; ".join(f"output {r.name!r}: {r.problem or ''} max abs {r.max_abs}" for r in bad)

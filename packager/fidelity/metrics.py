@@ -1,4 +1,4 @@
-"""Per-output comparison figures and the tolerances they are judged with.
+"""Per-output comparison figures for a given :class:`Tolerance` (chosen by :mod:`packager.fidelity.judge`).
 
 Everything here is numpy only: it runs for every output of every cell, so it must stay cheap
 next to the inference it judges (one float64 pass over each array).
@@ -6,105 +6,30 @@ next to the inference it judges (one float64 pass over each array).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-#: (atol, rtol) per output dtype for a *converted* artifact (ONNX from torch/TF/Paddle): a
-#: converter reorders reductions and fuses ops, so fp32 outputs move by ~1e-6..1e-5; 1e-4
-#: absorbs that without hiding a wrong weight (a 1e-3 relative weight change moves outputs by ~1e-3).
-CONVERTED: dict[str, tuple[float, float]] = {
-    "float64": (1e-7, 1e-6),
-    "float32": (1e-4, 1e-4),
-    "float16": (1e-2, 1e-2),
-    "bfloat16": (5e-2, 5e-2),
-}
-#: A *native* artifact (TorchScript, torch.export, SavedModel) runs the framework's own kernels:
-#: errors stay at float rounding, so the bound is 10x tighter. Paddle Inference is not in this
-#: list: its IR passes fuse conv+BN and FC with oneDNN kernels, a rewrite like a conversion.
-NATIVE: dict[str, tuple[float, float]] = {
-    "float64": (1e-9, 1e-7),
-    "float32": (1e-5, 1e-5),
-    "float16": (5e-3, 5e-3),
-    "bfloat16": (3e-2, 3e-2),
-}
-#: An artifact the exporter declared as reduced precision (``options.precision``) is judged
-#: with the tolerances of that precision, whatever dtype its outputs are.
-REDUCED = {"float16": CONVERTED["float16"], "bfloat16": CONVERTED["bfloat16"]}
-#: Formats whose runtime executes the framework's own graph (no conversion).
-NATIVE_FORMATS = frozenset({"torchscript", "torch_export", "saved_model"})
 #: A cell whose worst element uses more than this share of its tolerance is "near failing".
 NEAR_FAIL = 0.5
 
 
 class Tolerance(BaseModel):
-    """The tolerance one output is judged with and where it came from."""
+    """The tolerance one output is judged with and where it came from.
+
+    An element passes when ``|candidate - reference| <= atol + rtol * scale``, where ``scale``
+    is the output's scale in that case (max |reference| over its finite elements), not the
+    element's own magnitude: rounding errors of fp32 arithmetic are relative to the magnitudes
+    that were summed, so an element near zero in an output of scale 50 carries the rounding of
+    50, not of its own value. :mod:`packager.fidelity.judge` picks the values.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     atol: float
     rtol: float
-    source: str  # "default float32/converted", "--atol", "noise floor 3e-6", ...
-
-
-def conversion_kind(fmt: str | None, options: Mapping[str, Any] | None = None) -> str:
-    """``reduced:<dtype>``, ``native`` or ``converted`` for an artifact format and its options."""
-    precision = str((options or {}).get("precision", "") or "")
-    if precision in REDUCED:
-        return f"reduced:{precision}"
-    if fmt in NATIVE_FORMATS:
-        return "native"
-    return "converted"
-
-
-def default_tolerance(dtype: str, kind: str = "converted") -> tuple[float, float]:
-    """(atol, rtol) for outputs of ``dtype`` from an artifact of conversion ``kind``.
-
-    Integers and bools must match exactly whatever the conversion.
-    """
-    if kind.startswith("reduced:") and dtype.startswith(("float", "bfloat")):
-        return REDUCED[kind.split(":", 1)[1]]
-    table = NATIVE if kind == "native" else CONVERTED
-    return table.get(dtype, (0.0, 0.0))
-
-
-def _pick(value: float | Mapping[str, float] | None, name: str) -> float | None:
-    if value is None or isinstance(value, (int, float)):
-        return value
-    if name in value:
-        return float(value[name])
-    return float(value["*"]) if "*" in value else None
-
-
-def resolve_tolerance(name: str, dtype: str, kind: str, atol: float | Mapping[str, float] | None = None,
-                      rtol: float | Mapping[str, float] | None = None, floor: float = 0.0) -> Tolerance:
-    """The tolerance for output ``name``: per-output override, global override, dtype default.
-
-    Args:
-        name: Output name.
-        dtype: The reference's dtype name.
-        kind: Conversion kind (:func:`conversion_kind`).
-        atol: One absolute tolerance, or per output name (``"*"`` = all others).
-        rtol: Same for the relative tolerance.
-        floor: Noise floor of a non-deterministic reference (max abs difference between two
-            reference runs); the absolute tolerance is raised to twice it.
-    """
-    d_atol, d_rtol = default_tolerance(dtype, kind)
-    a, r = _pick(atol, name), _pick(rtol, name)
-    parts = []
-    if a is None and r is None:
-        parts.append(f"default {dtype}/{kind}")
-    else:
-        parts.append(", ".join(p for p in (f"atol {a:g}" if a is not None else "",
-                                           f"rtol {r:g}" if r is not None else "") if p) + " given")
-    a = d_atol if a is None else a
-    r = d_rtol if r is None else r
-    if floor > 0 and 2 * floor > a:
-        a = 2 * floor
-        parts.append(f"noise floor {floor:.3g}")
-    return Tolerance(atol=float(a), rtol=float(r), source="; ".join(parts))
+    source: str  # "noise 4.5e-07 (float64) x16", "--atol", "noise floor 3e-6", ...
 
 
 class OutputMetrics(BaseModel):
@@ -130,7 +55,9 @@ class OutputMetrics(BaseModel):
     p99_rel: float | None = None
     out_of_tolerance: float | None = None  # fraction of elements
     cosine: float | None = None
-    #: ``max |err| / (atol + rtol |ref|)``: 1.0 is the edge of failing.
+    #: max |reference| over the finite elements: what ``rtol`` is relative to.
+    scale: float | None = None
+    #: ``max |err| / (atol + rtol x scale)``: 1.0 is the edge of failing.
     tolerance_use: float | None = None
     near_fail: bool = False
     #: Smallest atol that would have passed with this rtol, and smallest rtol with this atol.
@@ -143,6 +70,9 @@ class OutputMetrics(BaseModel):
     nan_candidate: int = 0
     inf_reference: int = 0
     inf_candidate: int = 0
+    #: Set when the reference cannot tell a right artifact from a wrong one: it is constant (or
+    #: all zero), or so nearly constant that a constant output would pass. Not a failure.
+    degenerate: str | None = None
 
 
 def _p99(rel: np.ndarray, finite: bool = False) -> float:
@@ -205,6 +135,8 @@ def _early(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> Outpu
     return _metrics(passed=passed, verdict="pass" if passed else "numeric", **base, elements=int(ref.size),
                     max_abs=max_abs, mean_abs=mean_abs, out_of_tolerance=n_wrong / max(ref.size, 1),
                     min_atol=max_abs, min_rtol=None, tolerance_use=use,
+                    degenerate=(f"reference output {name!r} is constant: parity is not informative"
+                                if ref.size and (ref == ref.flat[0]).all() else None),
                     problem=None if passed else f"{n_wrong} of {ref.size} elements differ")
 
 
@@ -229,51 +161,61 @@ def _special(ref64: np.ndarray, got64: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def _figures(r: np.ndarray, g: np.ndarray, sizes: list[int], tol: Tolerance) -> list[dict[str, Any]]:
     """Every float figure of each segment of the 1-D float64 arrays ``r`` (reference) and ``g``
     (candidate), ``sizes`` long each, computed over the whole arrays at once: one numpy call
-    per figure whatever the number of segments (each call costs microseconds even on 10 values)."""
+    per figure whatever the number of segments (each call costs microseconds even on 10 values).
+    Each segment is one output of one case, with its own scale (max |reference|)."""
     if not all(sizes):  # reduceat cannot reduce empty segments: figure them one by one
         out: list[dict[str, Any]] = []
         at = 0
         for size in sizes:
             out += _figures(r[at:at + size], g[at:at + size], [size], tol) if size else [dict(
                 n_in_out=0, max_abs=0.0, mean_abs=0.0, max_rel=0.0, p99_rel=0.0, min_atol=0.0, min_rtol=0.0,
-                cosine=1.0, tolerance_use=0.0)]
+                cosine=1.0, tolerance_use=0.0, scale=0.0, spread=0.0)]
             at += size
         return out
     diff = np.abs(g - r)
     absr = np.abs(r)
-    scaled = tol.rtol * absr
-    bound = scaled + tol.atol
     starts = np.cumsum([0, *sizes[:-1]])
+    scale = np.maximum.reduceat(absr, starts)
+    bound = tol.atol + tol.rtol * scale  # one bound per segment
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rel = diff / absr  # inf where the reference is 0 and the candidate is not
         if absr.min() == 0:
             rel[(absr == 0) & (diff == 0)] = 0.0
-        use = diff / (bound if tol.atol > 0 else np.maximum(bound, np.finfo(np.float64).tiny))
-        n_in_out = np.add.reduceat(diff > bound, starts, dtype=np.intp)
+        n_in_out = np.add.reduceat(diff > np.repeat(bound, sizes), starts, dtype=np.intp)
         max_abs = np.maximum.reduceat(diff, starts)
         mean_abs = np.add.reduceat(diff, starts) / sizes
         max_rel = np.maximum.reduceat(rel, starts)
-        min_atol = np.maximum(np.maximum.reduceat(diff - scaled, starts), 0.0)
-        tolerance_use = np.maximum.reduceat(use, starts)
+        # The reference's spread around its mean: how far a constant output would be off.
+        means = np.add.reduceat(r, starts) / sizes
+        spread = np.maximum(np.maximum.reduceat(r, starts) - means, means - np.minimum.reduceat(r, starts))
         norms = np.sqrt(np.add.reduceat(r * r, starts) * np.add.reduceat(g * g, starts))
         dots = np.add.reduceat(r * g, starts)
     figures = []
-    for i, (start, size) in enumerate(zip(starts.tolist(), sizes)):
-        end = start + size
-        if max_abs[i] <= tol.atol:  # no element needs any rtol
-            min_rtol = 0.0
-        else:
-            d, a = diff[start:end], absr[start:end]
-            over = d > tol.atol
-            with np.errstate(over="ignore"):
-                min_rtol = float("inf") if (a[over] == 0).any() else float(np.max((d[over] - tol.atol) / a[over]))
+    for i, size in enumerate(sizes):
+        a, b, s = float(max_abs[i]), float(bound[i]), float(scale[i])
         norm = float(norms[i])
         figures.append(dict(
-            n_in_out=int(n_in_out[i]), max_abs=float(max_abs[i]), mean_abs=float(mean_abs[i]),
-            max_rel=float(max_rel[i]), p99_rel=_p99(rel[start:end], finite=bool(max_rel[i] < np.inf)),
-            min_atol=float(min_atol[i]), min_rtol=min_rtol, tolerance_use=float(tolerance_use[i]),
-            cosine=float(dots[i] / norm) if norm > 0 else (1.0 if max_abs[i] == 0 else 0.0)))
+            n_in_out=int(n_in_out[i]), max_abs=a, mean_abs=float(mean_abs[i]),
+            max_rel=float(max_rel[i]), p99_rel=_p99(rel[starts[i]:starts[i] + size], finite=bool(max_rel[i] < np.inf)),
+            min_atol=max(a - tol.rtol * s, 0.0),
+            min_rtol=0.0 if a <= tol.atol else (float("inf") if s == 0 else (a - tol.atol) / s),
+            tolerance_use=a / b if b > 0 else (0.0 if a == 0 else float("inf")),
+            cosine=float(dots[i] / norm) if norm > 0 else (1.0 if a == 0 else 0.0), scale=s,
+            spread=float(spread[i])))
     return figures
+
+
+def degenerate_note(name: str, spread: float, scale: float, bound: float) -> str | None:
+    """Why a reference output proves nothing, or None: it is all zero, constant, or so nearly
+    constant that an artifact returning its mean would pass."""
+    if scale == 0:
+        return f"reference output {name!r} is all zero: parity is not informative"
+    if spread == 0:
+        return f"reference output {name!r} is constant: parity is not informative"
+    if spread <= bound:
+        return (f"reference output {name!r} is nearly constant (spread {spread:.3g} within the tolerance "
+                f"{bound:.3g}): parity is not informative")
+    return None
 
 
 def compare_metrics(name: str, reference: np.ndarray, candidate: np.ndarray, tol: Tolerance) -> OutputMetrics:
@@ -350,65 +292,19 @@ def _float_result(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, f
     n_in_out = figures.pop("n_in_out")
     n_out = n_in_out + special_bad
     passed = n_out == 0
+    spread = figures.pop("spread")
     if n_in_out:
-        problems = [*problems, f"{n_in_out} of {n} elements exceed atol {tol.atol:g} + rtol {tol.rtol:g} x |ref| "
-                    f"(max abs error {figures['max_abs']:.3g}; would pass with atol {figures['min_atol']:.3g})"]
+        problems = [*problems, f"{n_in_out} of {n} elements exceed atol {tol.atol:.3g} + rtol {tol.rtol:.3g} x "
+                    f"scale {figures['scale']:.3g} (max abs error {figures['max_abs']:.3g}; would pass with atol "
+                    f"{figures['min_atol']:.3g} or rtol {figures['min_rtol']:.3g}; tolerance from "
+                    f"{tol.source})"]
     top1, topk, k = scores
     return _metrics(
         **_base(name, ref, got, tol), passed=passed, verdict="pass" if passed else "numeric",
         problem="; ".join(problems) or None, elements=n, out_of_tolerance=n_out / max(n, 1),
         near_fail=passed and figures["tolerance_use"] > NEAR_FAIL, top1_agreement=top1, topk_agreement=topk, k=k,
+        degenerate=degenerate_note(name, spread, figures["scale"], tol.atol + tol.rtol * figures["scale"]),
         **{"nan_reference": 0, "nan_candidate": 0, "inf_reference": 0, "inf_candidate": 0, **counts}, **figures)
-
-
-@dataclass
-class Judged:
-    """The outcome of comparing all outputs of one case."""
-
-    outputs: list[OutputMetrics]
-
-    @property
-    def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
-
-
-def compare_all(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], kind: str,
-                atol: float | Mapping[str, float] | None = None, rtol: float | Mapping[str, float] | None = None,
-                floors: Mapping[str, float] | None = None) -> Judged:
-    """Compare every reference output with the candidate's output of the same name.
-
-    A reference output the candidate lacks, or a candidate output the reference lacks, is a
-    ``contract`` verdict.
-    """
-    return compare_cases([(reference, candidate, kind)], atol, rtol, floors)[0]
-
-
-def compare_cases(cases: list[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], str]],
-                  atol: float | Mapping[str, float] | None = None, rtol: float | Mapping[str, float] | None = None,
-                  floors: Mapping[str, float] | None = None) -> list[Judged]:
-    """:func:`compare_all` for many ``(reference, candidate, conversion kind)`` cases, the
-    figures of all of them computed together (:func:`compare_many`)."""
-    plans: list[list[int | OutputMetrics]] = []
-    items: list[tuple[str, Any, Any, Tolerance]] = []
-    for reference, candidate, kind in cases:
-        plan: list[int | OutputMetrics] = []
-        for name, ref in reference.items():
-            ref_dtype = np.asarray(ref).dtype.name
-            tol = resolve_tolerance(name, ref_dtype, kind, atol, rtol, (floors or {}).get(name, 0.0))
-            if name not in candidate:
-                plan.append(_metrics(name=name, passed=False, verdict="contract", atol=tol.atol, rtol=tol.rtol,
-                                     tolerance_source=tol.source, reference_dtype=ref_dtype,
-                                     problem=f"output missing from the candidate (it has {sorted(candidate)})"))
-                continue
-            plan.append(len(items))
-            items.append((name, ref, candidate[name], tol))
-        for name in candidate:
-            if name not in reference:
-                plan.append(_metrics(name=name, passed=False, verdict="contract",
-                                     problem="output is not in the reference"))
-        plans.append(plan)
-    computed = compare_many(items)
-    return [Judged([computed[x] if isinstance(x, int) else x for x in plan]) for plan in plans]
 
 
 def noise_floor(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -170,3 +170,49 @@ def build_noisy() -> Noisy:
     """Builder for ``--builder tests.fidelity.models:build_noisy``."""
     torch.manual_seed(0)
     return Noisy()
+
+
+class TwoHeads(nn.Module):
+    """Two outputs of the same shape (``a`` and ``b``, [batch, 3]): a swap keeps every contract."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(12, 8)
+        self.a = nn.Linear(8, 3)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.body(x))
+        return self.a(h), self.b(h)
+
+
+class SwappedHeads(TwoHeads):
+    """Returns the heads in the wrong order (a converter or a wrapper mixing outputs up)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = super().forward(x)
+        return b, a
+
+
+class ZeroHead(nn.Module):
+    """A real output and an all-zero one (an untrained head initialised to zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 3)
+        self.dead = nn.Linear(12, 4)
+        with torch.no_grad():
+            self.dead.weight.zero_()
+            self.dead.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x), self.dead(x)
+
+
+def fp16_rounded(good: nn.Module) -> nn.Module:
+    """A copy whose weights went through float16 and back: still float32, 11 bits of mantissa."""
+    model = copy.deepcopy(good)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model.eval()

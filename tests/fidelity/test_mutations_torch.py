@@ -101,7 +101,8 @@ def test_float16_artifact_judged_with_fp32_tolerances(cnn, broken, fid_dir: Path
     assert report.exit_code == 1
     assert verdicts(report) == {f: "numeric" for f in TORCH_FORMATS}
     out = case(report, "onnx", "golden").outputs[0]
-    assert "float32/converted" in out.tolerance_source and out.min_atol > 1e-4
+    # Judged against the output's measured rounding noise (float64 run at export), not a table.
+    assert "noise" in out.tolerance_source and "float64" in out.tolerance_source and out.min_atol > 1e-4
     # Declared as a float16 artifact, the same files are judged with float16 tolerances.
     for fmt in TORCH_FORMATS:
         set_option(path, fmt, precision="float16")
