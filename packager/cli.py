@@ -144,7 +144,8 @@ def verify(
     source: Optional[Path] = typer.Option(None, help="Training-time save for --reference eager."),
     builder: Optional[str] = typer.Option(None, help="module:function building the architecture (--reference eager)."),
     state_key: Optional[str] = typer.Option(None, help="Key of the weights in a checkpoint dict."),
-    trust: bool = typer.Option(False, "--trust", help="Allow a pickled --source."),
+    trust: bool = typer.Option(False, "--trust", help="Trust the package and --source: allow a pickled --source, "
+                               "the manifest's builder, and graphs that run code or touch files."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help="Your own inputs (.npz, keys = input names)."),
     input_range: Optional[list[str]] = typer.Option(None, help="NAME:LOW:HIGH value range of generated inputs; "
                                                     "repeatable."),
@@ -158,6 +159,7 @@ def verify(
                                         "SHA-256 (and that no unlisted file is present); run nothing."),
 ) -> None:
     """Verify every artifact x runtime x device: contract, golden data, shape sweep, batch consistency."""
+    _trust_artifacts(trust)
     if integrity_only:
         _integrity_only(package)
         return
@@ -228,6 +230,8 @@ def run(
                                              "granularity; default ~32 MB of output)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Inference threads, local engine (default: one "
                                           "per CPU up to 4 for thread-safe runtimes, each with its own batch)."),
+    trust_graphs: bool = typer.Option(False, "--trust", help="Trust the package: load graphs that run code or "
+                                      "touch files (pickled .pt2 objects, file operators, custom-op domains)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     progress_log: Optional[str] = typer.Option(None, "--progress-log", help="Write JSON-lines progress to this "
                                                "file ('-': stderr; the default when stderr is not a terminal)."),
@@ -241,6 +245,7 @@ def run(
     """Run batch inference of a package over a dataset: streaming, resumable, local or on Ray."""
     if skip_integrity:
         _warn_skip_integrity(package)
+    _trust_artifacts(trust_graphs)
     from packager.batch.pipeline import RunConfig, run_dataset
 
     if engine != "ray" and (address is not None or num_workers is not None):
@@ -281,10 +286,13 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     skip_integrity: bool = typer.Option(False, "--skip-integrity", help="Do NOT check file checksums before "
                                         "loading (a modified or corrupted file reaches the framework)."),
+    trust_graphs: bool = typer.Option(False, "--trust", help="Trust the package: load graphs that run code or "
+                                      "touch files (pickled .pt2 objects, file operators, custom-op domains)."),
 ) -> None:
     """Latency (p50/p90/p99) and throughput of each artifact x runtime x device x batch size."""
     if skip_integrity:
         _warn_skip_integrity(package)
+    _trust_artifacts(trust_graphs)
     from packager.bench import bench as do_bench
 
     sizes: list[int] = []
@@ -355,6 +363,12 @@ def pack(
     result = do_pack(package, out_file, overwrite=overwrite)
     out.print(f"[bold]packed[/] {result.files} files ({_human(result.bytes)}) into {_esc(result.path)} "
               f"({_human(result.path.stat().st_size)})")
+
+
+def _trust_artifacts(trust: bool) -> None:
+    """``--trust`` holds for the whole process and the workers it starts (runtimes/_graphscan.py)."""
+    if trust:
+        os.environ["PACKAGER_TRUST"] = "1"
 
 
 def _integrity_only(package: Path) -> None:

@@ -137,6 +137,10 @@ class RuntimeLoadError(PackagerError):
     exit_code = ExitCode.RUNTIME
 
 
+class UnsafeArtifactError(RuntimeLoadError):
+    """An artifact holds pickled code, file-touching operators or custom-op libraries (needs ``--trust``)."""
+
+
 class ContractError(PackagerError):
     """An artifact's outputs do not match the signature (names, dtypes, ranks, axes)."""
 

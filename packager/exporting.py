@@ -330,6 +330,7 @@ def check_parity(path: Path, artifact: Artifact, signature: Signature, inputs: d
     ``verify`` applies (``noise``: the outputs' noise record, as written to the manifest); per
     output, the failing (else the worst) case is kept."""
     from runtimes import runner_class
+    from runtimes.base import manifest_options
 
     runtime = artifact.runtimes[0]
     judge = Judge(atol, rtol, dict(noise or {}))
@@ -338,7 +339,7 @@ def check_parity(path: Path, artifact: Artifact, signature: Signature, inputs: d
     degenerate: list[str] = []
     try:
         with runner_class(runtime)(path, signature=signature, device=device,
-                                   **artifact.options.get("runner", {})) as runner:
+                                   **manifest_options(artifact.options.get("runner", {}))) as runner:
             for case, (feeds, want) in enumerate([(inputs, reference), *extra_cases]):
                 try:
                     got = runner.run(feeds)

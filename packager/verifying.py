@@ -395,6 +395,7 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
         UsageError, InputError: Bad options, a missing source, unreadable inputs (exit 2).
     """
     from runtimes import parse_device, runner_class
+    from runtimes.base import manifest_options
 
     start = time.perf_counter()
     # The ONNX graphs and golden data are parsed from the very bytes that were hashed.
@@ -479,7 +480,7 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
                     runner = None
                     try:
                         runner = runner_class(runtime)(package.resolve(art.path), signature=signature, device=device,
-                                                       **art.options.get("runner", {}))
+                                                       **manifest_options(art.options.get("runner", {})))
                         row.notes += list(runner.notes)
                         if art.format != "onnx":  # ONNX graphs were checked in detail above
                             row.contract = row.contract + _native_problems(runner, signature)

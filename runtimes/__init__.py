@@ -12,7 +12,7 @@ from typing import Any
 
 from packager.errors import DependencyError, InputError, UsageError
 from packager.signature import Signature
-from runtimes.base import Runner
+from runtimes.base import Runner, manifest_options
 from runtimes.device import Device, parse_device
 
 __all__ = ["Runner", "Device", "load", "parse_device", "RUNNERS", "FORMAT_RUNTIMES", "runner_class", "detect_format"]
@@ -82,7 +82,8 @@ def detect_format(path: str | Path) -> str:
 
 
 def load(path: str | Path, format: str | None = None, device: str | Device = "cpu", *, runtime: str | None = None,
-         cast: str = "strict", verify: bool = True, signature: Signature | None = None, **options: Any) -> Runner:
+         cast: str = "strict", verify: bool = True, signature: Signature | None = None, trust: bool | None = None,
+         **options: Any) -> Runner:
     """Load a package (picking an artifact) or a bare artifact, and return its runner.
 
     Args:
@@ -95,6 +96,8 @@ def load(path: str | Path, format: str | None = None, device: str | Device = "cp
         verify: Check package checksums and unlisted files before loading (packages only).
             ``False`` skips that check (a modified file then reaches the framework).
         signature: Signature for a bare artifact (packages carry their own).
+        trust: Load graphs that run code or touch files (``.pt2`` pickles, ``aten::from_file``,
+            ``ReadFile``, custom-op domains...); default: refused (``PACKAGER_TRUST=1``: trusted).
         **options: Runtime-specific options.
     """
     from packager.package import Package, is_package
@@ -121,11 +124,12 @@ def load(path: str | Path, format: str | None = None, device: str | Device = "cp
             raise InputError(f"runtime {runtime!r}", f"cannot load the {format} artifact",
                              expected=artifact.runtimes, got=runtime)
         cls = runner_class(runtime)
-        merged = {**artifact.options.get("runner", {}), **options}
+        merged = {**manifest_options(artifact.options.get("runner", {})), **options}
         from packager.versions import warn_version_drift
 
         warn_version_drift(manifest, runtime)
-        runner = cls(package.resolve(artifact.path), signature=manifest.signature, device=device, cast=cast, **merged)
+        runner = cls(package.resolve(artifact.path), signature=manifest.signature, device=device, cast=cast, trust=trust,
+                     **merged)
         runner._package = package  # keeps an unpacked archive's temporary folder alive with the runner
         return runner
     if not path.exists():
@@ -134,4 +138,4 @@ def load(path: str | Path, format: str | None = None, device: str | Device = "cp
     if format not in FORMAT_RUNTIMES:
         raise UsageError(f"format {format!r}", "is unknown", expected=", ".join(FORMAT_RUNTIMES), got=format)
     runtime = runtime or FORMAT_RUNTIMES[format][0]
-    return runner_class(runtime)(path, signature=signature, device=device, cast=cast, **options)
+    return runner_class(runtime)(path, signature=signature, device=device, cast=cast, trust=trust, **options)

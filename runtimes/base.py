@@ -40,10 +40,15 @@ class Runner(ABC):
     thread_safe: ClassVar[bool] = False
 
     def __init__(self, path: str | Path, *, signature: Signature | None = None, device: str | Device = "cpu",
-                 cast: str = "strict", **options: Any) -> None:
+                 cast: str = "strict", trust: bool | None = None, **options: Any) -> None:
+        from runtimes._graphscan import trusted
+
         self.path = Path(path)
         self.device = parse_device(device)
         self.options = options
+        #: Whether graphs that run code or touch files may load (runtimes/_graphscan.py). Never
+        #: taken from a manifest's runner options: see :func:`manifest_options`.
+        self.trust = trusted(trust)
         #: Human-readable facts about how the artifact runs (e.g. "oneDNN disabled after ...").
         self.notes: list[str] = []
         self._closed = False
@@ -126,3 +131,9 @@ class Runner(ABC):
     def _native_signature(self) -> Signature:
         raise UsageError(f"{self.runtime} artifact {str(self.path)!r}", "carries no signature of its own",
                          fix="load it from its package (runtimes.load(PKG)) or pass signature=...")
+
+
+def manifest_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A manifest's runner options without ``trust``: whoever writes a package must not be able
+    to trust it on the reader's behalf."""
+    return {k: v for k, v in options.items() if k != "trust"}

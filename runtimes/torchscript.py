@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from packager.errors import RuntimeLoadError
+from runtimes._graphscan import refuse, torchscript_module_findings, torchscript_source_findings
 from runtimes._torch import TorchModuleRunner, torch_device
 
 
@@ -22,7 +23,12 @@ class TorchScriptRunner(TorchModuleRunner):
 
         if self.options.get("num_threads"):
             torch.set_num_threads(int(self.options["num_threads"]))
+        subject = f"TorchScript file {str(self.path)!r}"
+        if not self.trust:  # before loading: torch.jit.load runs a module's __setstate__ code
+            refuse(subject, torchscript_source_findings(self.path))
         try:
             self.module = torch.jit.load(str(self.path), map_location=self._device).eval()
         except Exception as exc:
-            raise RuntimeLoadError(f"TorchScript file {str(self.path)!r}", f"cannot be loaded: {exc}") from exc
+            raise RuntimeLoadError(subject, f"cannot be loaded: {exc}") from exc
+        if not self.trust:
+            refuse(subject, torchscript_module_findings(self.module))

@@ -140,6 +140,13 @@ def _load_weights(model: Any, state: dict, subject: str) -> None:
                               "DataParallel (strip it)")
 
 
+def _refuse_source(path: Path, findings: list[str]) -> None:
+    if findings:
+        raise TrustRequiredError(str(path), "holds what would run code or touch files when loaded or run: "
+                                 + "; ".join(findings[:8]),
+                                 fix="pass --trust only if you trust its origin")
+
+
 def load_source(source: Any, options: SourceOptions) -> LoadedModel:
     """Turn an nn.Module or a torch save into an eval-mode module."""
     import torch
@@ -154,10 +161,20 @@ def load_source(source: Any, options: SourceOptions) -> LoadedModel:
             names = zf.namelist()
         # TorchScript archives carry their code (ARCHIVE/code/...); plain torch.save zips do not.
         if any(n.split("/", 1)[-1].startswith("code/") for n in names):
+            from runtimes._graphscan import torchscript_module_findings, torchscript_source_findings
+
+            if not options.trust:  # loading runs __setstate__ code: scan the archive first
+                _refuse_source(path, torchscript_source_findings(path))
             module = torch.jit.load(str(path), map_location="cpu")
+            if not options.trust:
+                _refuse_source(path, torchscript_module_findings(module))
             return _loaded(module, "torchscript", str(path), None)
         if path.suffix == ".pt2" or any("serialized_exported_program" in n for n in names):
+            from runtimes._graphscan import exported_program_findings, pt2_findings
             from runtimes._torch import is_unpickling_refusal, weights_only_loads
+
+            if not options.trust:  # torch.export.load unpickles and exec()s parts of the file
+                _refuse_source(path, pt2_findings(path))
 
             try:
                 # torch.export.load unpickles parts of a .pt2 with weights_only=False: without
@@ -171,6 +188,8 @@ def load_source(source: Any, options: SourceOptions) -> LoadedModel:
                         "from the file", fix="pass --trust if you trust its origin, or re-export it with plain "
                         "tensor weights") from None
                 raise SourceError(str(path), f"cannot be loaded as a torch.export program ({exc})") from None
+            if not options.trust:
+                _refuse_source(path, exported_program_findings(program))
             loaded = _loaded(program.module(), "torch_export", str(path), None)
             # Re-tracing an ExportedProgram's module fails; exporters take the program itself.
             loaded.extra["program"] = program
