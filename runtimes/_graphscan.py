@@ -21,7 +21,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from packager.errors import UnsafeArtifactError
 
@@ -236,3 +236,108 @@ def exported_program_findings(program: Any) -> list[str]:
                 findings.add(f"call {getattr(target, '__module__', '?')}.{getattr(target, '__name__', target)}")
     return sorted(findings)
 
+
+
+# --- TensorFlow ----------------------------------------------------------------------------
+#: Ops that read or write files, map memory from files or call Python: refused anywhere in a
+#: SavedModel (TensorFlow has thousands of ops, so this one list is a denylist; the checkpoint
+#: ops below are allowed only where the loader's own saver runs them).
+TF_FILE_OPS = frozenset({
+    "ReadFile", "WriteFile", "MatchingFiles", "ImmutableConst", "PyFunc", "PyFuncStateless", "EagerPyFunc",
+    "WholeFileReader", "WholeFileReaderV2", "TextLineReader", "TextLineReaderV2", "FixedLengthRecordReader",
+    "FixedLengthRecordReaderV2", "TFRecordReader", "TFRecordReaderV2", "LMDBReader", "TFRecordDataset",
+    "TFRecordDatasetV2", "TextLineDataset", "FixedLengthRecordDataset", "FixedLengthRecordDatasetV2",
+    "SaveDataset", "SaveDatasetV2", "LoadDataset", "SnapshotDataset", "SnapshotDatasetV2", "CacheDataset",
+    "CacheDatasetV2", "DatasetToTFRecord", "ExperimentalDatasetToTFRecord", "CreateSummaryFileWriter",
+    "CreateSummaryDbWriter", "DebugIdentityV2", "DebugIdentityV3", "LoadAndRemapMatrix",
+    "InitializeTableFromTextFile", "InitializeTableFromTextFileV2", "DecodeProtoV2", "PrintV2",
+})
+#: Checkpoint ops: the SavedModel's own save/restore functions use them (the loader passes the
+#: variables path); anywhere else they read or write arbitrary checkpoint files.
+TF_CHECKPOINT_OPS = frozenset({"Save", "SaveV2", "SaveSlices", "Restore", "RestoreV2", "RestoreSlice",
+                               "MergeV2Checkpoints", "ShardedFilename", "ShardedFilespec"})
+
+
+def _called_functions(node: Any) -> Iterator[str]:
+    for value in node.attr.values():
+        if value.HasField("func"):
+            yield value.func.name
+        if value.HasField("list"):
+            yield from (f.name for f in value.list.func)
+
+
+def _closure(roots: Iterable[str], edges: dict[str, set[str]]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(edges.get(name, ()))
+    return seen
+
+
+def saved_model_findings(saved_model: Any) -> list[str]:
+    """File-touching or Python-calling ops in a parsed ``saved_model_pb2.SavedModel`` (every
+    meta graph, the main graph and every library function), as ``op X in function Y``."""
+    findings: set[str] = set()
+    for meta in saved_model.meta_graphs:
+        graph = meta.graph_def
+        library = {f.signature.name: f for f in graph.library.function}
+        calls = {name: {c for n in f.node_def for c in [*_called_functions(n), n.op] if c in library}
+                 for name, f in library.items()}
+        # The saver: main-graph nodes the saver_def names, their inputs, and what they call.
+        inputs = {n.name: {i.lstrip("^").split(":")[0] for i in n.input} for n in graph.node}
+        roots = {meta.saver_def.save_tensor_name.split(":")[0], meta.saver_def.restore_op_name.split(":")[0]} - {""}
+        saver_nodes = _closure(roots, inputs)
+        saver_functions = _closure({c for n in graph.node if n.name in saver_nodes
+                                    for c in [*_called_functions(n), n.op] if c in library}, calls)
+        for node in graph.node:
+            _tf_check(node.op, node.name in saver_nodes, f"node {node.name!r}", findings)
+        for name, function in library.items():
+            for node in function.node_def:
+                _tf_check(node.op, name in saver_functions, f"function {name!r}", findings)
+    return sorted(findings)
+
+
+def _tf_check(op: str, in_saver: bool, where: str, findings: set[str]) -> None:
+    if op in TF_FILE_OPS or (op in TF_CHECKPOINT_OPS and not in_saver):
+        findings.add(f"op {op} in {where}")
+
+
+# --- Paddle --------------------------------------------------------------------------------
+#: Paddle operators that read or write files or call Python (legacy ProgramDesc op types and
+#: PIR op names without their dialect prefix).
+PADDLE_FILE_OPS = frozenset({"save", "save_combine", "load", "load_combine", "py_func", "read_file",
+                             "checkpoint_notify", "recv_save", "save_combine_tensor", "load_combine_tensor"})
+
+
+def _pir_ops(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        if isinstance(value.get("#"), str) and ("I" in value or "O" in value or "A" in value):
+            yield value["#"].split(".", 1)[-1]
+        for item in value.values():
+            yield from _pir_ops(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _pir_ops(item)
+
+
+def paddle_program_findings(model_file: str | Path, program_desc: Any = None) -> list[str]:
+    """File-touching ops of a Paddle inference program: a PIR ``.json`` (read here), or a legacy
+    ``.pdmodel`` given as an empty ``framework_pb2.ProgramDesc`` to parse into."""
+    path = Path(model_file)
+    if path.suffix == ".json":
+        try:
+            program = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return []  # the loader reports what it cannot read
+        return sorted({f"op {op} in {path.name}" for op in _pir_ops(program) if op in PADDLE_FILE_OPS})
+    if program_desc is None:
+        return []
+    try:
+        program_desc.ParseFromString(path.read_bytes())
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError: the loader reports it
+        return []
+    return sorted({f"op {op.type} in block {block.idx} of {path.name}" for block in program_desc.blocks
+                   for op in block.ops if op.type in PADDLE_FILE_OPS})

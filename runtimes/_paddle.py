@@ -284,3 +284,17 @@ def check_gpu(device: Device, runtime: str) -> None:
         raise DeviceError(f"device {device}", f"is not available to {runtime}",
                           expected=f"a visible CUDA GPU with index {device.index}", got=f"{count} CUDA device(s)",
                           fix="run with --device cpu, or check CUDA_VISIBLE_DEVICES")
+
+
+def check_program(files: Any, trust: bool) -> None:
+    """Refuse a program with file-touching ops (runtimes/_graphscan.py) unless trusted."""
+    if trust or files.program == "v1":
+        return
+    from runtimes._graphscan import paddle_program_findings, refuse
+
+    desc = None
+    if Path(files.model).suffix != ".json":
+        from paddle.base.proto import framework_pb2
+
+        desc = framework_pb2.ProgramDesc()
+    refuse(f"Paddle program {str(files.model)!r}", paddle_program_findings(files.model, desc))

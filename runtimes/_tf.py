@@ -135,3 +135,22 @@ def signature_outputs(fn: Any) -> list[tuple[str, Any]]:
     if not isinstance(outputs, dict):
         return []
     return [(str(k), outputs[k]) for k in sorted(outputs, key=lambda k: natural_key(str(k)))]
+
+
+def read_saved_model(folder: Any) -> Any:
+    """The parsed ``saved_model.pb`` of a SavedModel folder (for the graph scan before loading)."""
+    from pathlib import Path
+
+    from packager.errors import RuntimeLoadError
+
+    import_tf()
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    path = Path(folder) / "saved_model.pb"
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or a text-format SavedModel
+        raise RuntimeLoadError(f"SavedModel {str(folder)!r}", f"saved_model.pb cannot be parsed ({exc})",
+                               fix="re-export the SavedModel") from None
+    return proto

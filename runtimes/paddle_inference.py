@@ -27,7 +27,8 @@ import numpy as np
 
 from packager.errors import RuntimeLoadError, UsageError
 from packager.signature import Signature
-from runtimes._paddle import check_gpu, paddle_module, quiet, read_program_signature, resolve_model_files
+from runtimes._paddle import (check_gpu, check_program, paddle_module, quiet, read_program_signature,
+                              resolve_model_files)
 from runtimes.base import Runner
 
 THREAD_MODES = ("clone", "lock")
@@ -65,6 +66,7 @@ class PaddleInferenceRunner(Runner):
         paddle_module()
         check_gpu(self.device, "Paddle Inference")
         self.files = resolve_model_files(self.path)
+        check_program(self.files, self.trust)
         self._onednn = bool(self.options.get("onednn", True)) and not self.device.is_cuda
         self._memory_optim = bool(self.options.get("memory_optim", True))
         self._predictor = self._create_with_fallbacks()

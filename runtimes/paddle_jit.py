@@ -12,7 +12,8 @@ import numpy as np
 
 from packager.errors import RuntimeLoadError
 from packager.signature import Signature
-from runtimes._paddle import check_gpu, paddle_module, quiet, read_program_signature, resolve_model_files
+from runtimes._paddle import (check_gpu, check_program, paddle_module, quiet, read_program_signature,
+                              resolve_model_files)
 from runtimes.base import Runner
 
 
@@ -30,6 +31,7 @@ class PaddleJitRunner(Runner):
         paddle = paddle_module()
         check_gpu(self.device, "paddle.jit.load")
         self.files = resolve_model_files(self.path)
+        check_program(self.files, self.trust)
         if self.files.program == "v1":
             raise RuntimeLoadError(f"model {str(self.path)!r}", "is a Paddle 1.x folder, which paddle.jit.load "
                                    "cannot read", fix="use the paddle_inference runtime")

@@ -8,7 +8,8 @@ import numpy as np
 
 from packager.errors import ContractError, RuntimeLoadError
 from packager.signature import BATCH, Signature, TensorSpec, dtype_name
-from runtimes._tf import import_tf, signature_inputs, signature_outputs
+from runtimes._graphscan import refuse, saved_model_findings
+from runtimes._tf import import_tf, read_saved_model, signature_inputs, signature_outputs
 from runtimes.base import Runner
 from runtimes.device import require_gpu
 
@@ -44,6 +45,8 @@ class TensorFlowRunner(Runner):
                                    expected="a SavedModel folder", got=sorted(p.name for p in self.path.iterdir())
                                    if self.path.is_dir() else "a file", fix="point at the folder tf.saved_model.save "
                                    "or model.export wrote")
+        if not self.trust:  # before loading: the loader runs the model's init and restore functions
+            refuse(f"SavedModel {str(self.path)!r}", saved_model_findings(read_saved_model(self.path)))
         try:
             with tf.device(self._tf_device):
                 # Keep the loaded object: signature functions do not own their variables.

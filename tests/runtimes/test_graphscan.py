@@ -238,3 +238,130 @@ def test_guard_grammar(guard: str, safe: bool) -> None:
     from runtimes._graphscan import guard_is_safe
 
     assert guard_is_safe(guard) is safe
+
+
+# --- TensorFlow (item 3) ---------------------------------------------------------------------
+
+
+def _file_reading_saved_model(folder: Path, secret: Path) -> None:
+    """A serving function with the package's signature whose output carries a file's length."""
+    import tensorflow as tf
+
+    class Leak(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 16, 16, 3], tf.float32, name="image")])
+        def serve(self, image):
+            size = tf.cast(tf.strings.length(tf.io.read_file(str(secret))), tf.float32)
+            return {"logits": tf.zeros([tf.shape(image)[0], 10]) + size}
+
+    module = Leak()
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+
+
+@pytest.mark.tensorflow
+def test_saved_model_that_reads_a_file_is_refused(keras_cnn_package: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import runtimes
+    from runtimes._graphscan import saved_model_findings
+    from runtimes._tf import read_saved_model
+
+    assert saved_model_findings(read_saved_model(keras_cnn_package / "saved_model")) == []  # a real Keras export
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"12345")
+    pkg = copy_package(keras_cnn_package, tmp_path / "pkg")
+    shutil.rmtree(pkg / "saved_model")
+    _file_reading_saved_model(pkg / "saved_model", secret)
+    data = json.loads((pkg / "manifest.json").read_text())
+    artifact = next(a for a in data["artifacts"] if a["format"] == "saved_model")
+    artifact["files"] = [{"path": str(p.relative_to(pkg)), "sha256": "0", "size": 0}
+                         for p in sorted((pkg / "saved_model").rglob("*")) if p.is_file()]
+    (pkg / "manifest.json").write_text(json.dumps(data))
+    rehash(pkg)
+    with pytest.raises(UnsafeArtifactError, match="op ReadFile"):
+        runtimes.load(pkg, format="saved_model")
+    verify = run_cli("verify", str(pkg), "--format", "saved_model")
+    assert verify.returncode == ExitCode.RUNTIME and "ReadFile" in verify.stdout + verify.stderr
+    with runtimes.load(pkg, format="saved_model", trust=True) as runner:  # the leak is real
+        out = runner.run({"image": np.zeros((2, 16, 16, 3), np.float32)})["logits"]
+    assert float(out[0, 0]) == 5.0
+
+
+# --- Paddle (item 3) -------------------------------------------------------------------------
+
+
+@pytest.mark.paddle
+def test_paddle_program_with_file_ops_is_refused(tmp_path: Path) -> None:
+    """A PIR program holding a ``save_combine`` op (what writes parameter files) is refused by both
+    Paddle runners before a predictor is created; the untouched program loads."""
+    paddle = pytest.importorskip("paddle")
+    import runtimes
+    from runtimes._graphscan import paddle_program_findings
+
+    class Double(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = paddle.nn.Linear(4, 4, bias_attr=False)
+            self.scale.weight.set_value(np.eye(4, dtype=np.float32) * 2)
+
+        def forward(self, x):
+            return self.scale(x)
+
+    paddle.jit.save(Double(), str(tmp_path / "ok/model"),
+                    input_spec=[paddle.static.InputSpec([None, 4], "float32", "x")])
+    assert paddle_program_findings(tmp_path / "ok/model.json") == []
+    program = json.loads((tmp_path / "ok/model.json").read_text())
+    ops = program["program"]["regions"][0]["blocks"][0]["ops"]
+    ops.insert(len(ops) - 1, {"#": "1.save_combine", "A": [{"AT": {"#": "0.a_str", "D": str(tmp_path / "w")},
+                                                             "N": "file_path"}], "I": [], "O": []})
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil/model.json").write_text(json.dumps(program))
+    (tmp_path / "evil/model.pdiparams").write_bytes((tmp_path / "ok/model.pdiparams").read_bytes())
+    for runtime in ("paddle_inference", "paddle_jit"):
+        with pytest.raises(UnsafeArtifactError, match="op save_combine"):
+            runtimes.load(tmp_path / "evil/model.json", format="paddle_inference", runtime=runtime)
+    with runtimes.load(tmp_path / "ok/model.json", format="paddle_inference") as runner:
+        (out,) = runner.run({"x": np.ones((2, 4), np.float32)}).values()
+    assert out.tolist() == [[2.0] * 4] * 2
+
+
+@pytest.mark.paddle
+def test_legacy_paddle_program_ops_are_scanned() -> None:
+    pytest.importorskip("paddle")
+    from paddle.base.proto import framework_pb2
+
+    from runtimes._graphscan import paddle_program_findings
+
+    desc = framework_pb2.ProgramDesc()
+    block = desc.blocks.add(idx=0, parent_idx=-1)
+    block.ops.add(type="scale")
+    block.ops.add(type="load_combine")
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".pdmodel") as handle:
+        handle.write(desc.SerializeToString())
+        handle.flush()
+        assert paddle_program_findings(handle.name, framework_pb2.ProgramDesc()) == [
+            f"op load_combine in block 0 of {Path(handle.name).name}"]
+
+
+def test_onnx_custom_domain_cannot_load_code() -> None:
+    """ONNX Runtime resolves a custom-op domain only from a library registered on the session;
+    packager never registers one (no runner option does), so such a model is refused (exit 4)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    import runtimes
+    from packager.errors import RuntimeLoadError
+
+    node = helper.make_node("Exfiltrate", ["x"], ["y"], domain="evil.ops")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("evil.ops", 1)])
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "m.onnx"
+        onnx.save(model, str(path))
+        with pytest.raises(RuntimeLoadError, match="evil.ops|Exfiltrate") as info:
+            runtimes.load(path, signature=None)
+        assert info.value.exit_code == ExitCode.RUNTIME
