@@ -13,7 +13,8 @@ import numpy as np
 from packager import __version__
 from packager.errors import (ExportError, FidelityError, InputError, PackagerError, RuntimeLoadError,
                              SignatureError, UsageError)
-from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions, detect_framework, exporter
+from packager.exporters import (ArtifactSpec, ExportContext, LoadedModel, SourceOptions, bind_by_name,
+                                detect_framework, exporter)
 from packager.fidelity.judge import Judge, as_parity, conversion_kind
 from packager.manifest import Artifact, Golden, Manifest, OutputNoise, Parity, Source
 from packager.package import GOLDEN_INPUTS, GOLDEN_OUTPUTS, PackageWriter, check_destination, load_npz
@@ -184,6 +185,7 @@ def export(
     opset: int | None = None,
     seed: int = 0,
     options: Mapping[str, Any] | None = None,
+    isolate: bool | None = None,
 ) -> ExportResult:
     """Export a model (in memory or a training-time save) into a verified package.
 
@@ -210,10 +212,15 @@ def export(
         opset: ONNX opset.
         seed: Seed for generated inputs.
         options: Format options, e.g. ``{"torchscript_mode": "script"}``.
+        isolate: Judge parity in a fresh process that has not imported the model's code, as a
+            deployment host loads the package (default; ``PACKAGER_PARITY_IN_PROCESS=1`` or
+            ``False``: in this process, faster, but blind to artifacts that need the model's code).
 
     Raises:
         FidelityError: An artifact failed parity and ``allow_mismatch`` is false (nothing written).
+        RuntimeLoadError: An artifact does not load or run in a fresh process (nothing written).
         ExportError: A format could not be produced (nothing written).
+        InputError: Too little free space at ``out`` (checked first), or the disk filled up.
     """
     out = check_destination(out, overwrite)
     framework = framework or detect_framework(source)
@@ -234,6 +241,9 @@ def export(
     declared = parse_input_specs(input_spec)
     example = normalise_inputs(example_inputs, declared.input_names if declared else loaded.input_names)
     signature, example = build_input_signature(loaded, example, declared, seed)
+    example, binding = bind_by_name(loaded, example)
+    specs = {s.name: s for s in signature.inputs}
+    signature = signature.model_copy(update={"inputs": [specs[n] for n in example]})
     example, notes = widen_batch(signature, example)
 
     reference = fw.run_eager(loaded, example)
@@ -258,42 +268,126 @@ def export(
     # Parity also runs at the second sizes: an artifact whose batch (or seq) axis was baked
     # to the export size passes on the golden inputs but fails here.
     extra_cases = [(second, dict(zip(names, reference_b)))] if second is not None and sizes_b != sizes_a else []
-    artifacts: list[Artifact] = []
     versions = {framework: fw.framework_version()}
-    with PackageWriter(out, overwrite=overwrite) as writer:
-        for fmt in formats:
-            dest = writer.path(fmt)
-            dest.mkdir(parents=True, exist_ok=True)
-            try:
-                spec: ArtifactSpec = fw.export_format(fmt, loaded, ctx, dest)
-            except PackagerError:
-                raise
-            except Exception as exc:
-                raise ExportError(f"format {fmt}", f"export failed: {type(exc).__name__}: {str(exc)[:500]}",
-                                  fix="see --debug for the full trace; try another format or opset",
-                                  details="\n".join(ctx.log)) from exc
-            runtimes = tuple(spec.runtimes or FORMAT_RUNTIMES[fmt])
-            for rt in runtimes:
-                versions[rt] = dist_version(RUNTIME_DISTS.get(rt, rt))
-            art = Artifact(format=fmt, path=spec.path, files=writer.files(fmt), runtimes=list(runtimes),
-                           options=spec.options)
-            art.parity = [check_parity(writer.root / spec.path, art, signature, example, ref, atol, rtol,
-                                       extra_cases=extra_cases, noise=noise)]
-            artifacts.append(art)
+    reserve = estimate_package_bytes(loaded, formats, [example, ref, *(a for case in extra_cases for a in case)])
+    with PackageWriter(out, overwrite=overwrite, reserve=reserve) as writer:
+        # Golden data first: the parity worker reads the very files that ship.
         golden = Golden(inputs=writer.write_npz(GOLDEN_INPUTS, example),
                         outputs=writer.write_npz(GOLDEN_OUTPUTS, ref), reference=loaded.reference,
                         noise=noise)
+        artifacts = [_export_format(fw, fmt, loaded, ctx, writer, versions) for fmt in formats]
+        _judge_artifacts(writer.root, artifacts, signature, (example, ref), extra_cases, atol, rtol, noise,
+                         isolate)
         manifest = Manifest(
             name=name or out.name, packager_version=__version__,
             source=Source(framework=framework, framework_version=versions[framework], kind=loaded.kind,
                           path=loaded.path, builder=loaded.builder),
             versions=versions, signature=signature, artifacts=artifacts, golden=golden,
-            extra=_extra(ctx.log, state_key=state_key, signature_key=signature_key))
+            extra={**_extra(ctx.log, state_key=state_key, signature_key=signature_key), "input_binding": binding})
         failed = [a for a in artifacts if not a.passed]
         if failed and not allow_mismatch:
             raise parity_error(failed)
         path = writer.commit(manifest)
     return ExportResult(path=path, manifest=manifest)
+
+
+def _export_format(fw: Any, fmt: str, loaded: LoadedModel, ctx: ExportContext, writer: PackageWriter,
+                   versions: dict[str, str]) -> Artifact:
+    """Write one format into the package being built; its parity is judged later, with the others."""
+    dest = writer.path(fmt)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        spec: ArtifactSpec = fw.export_format(fmt, loaded, ctx, dest)
+    except PackagerError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"format {fmt}", f"export failed: {type(exc).__name__}: {str(exc)[:500]}",
+                          fix="see --debug for the full trace; try another format or opset",
+                          details="\n".join(ctx.log)) from exc
+    runtimes = tuple(spec.runtimes or FORMAT_RUNTIMES[fmt])
+    for rt in runtimes:
+        versions[rt] = dist_version(RUNTIME_DISTS.get(rt, rt))
+    return Artifact(format=fmt, path=spec.path, files=writer.files(fmt), runtimes=list(runtimes),
+                    options=spec.options)
+
+
+def _judge_artifacts(root: Path, artifacts: list[Artifact], signature: Signature,
+                     golden: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+                     extra_cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], atol: Any, rtol: Any,
+                     noise: Mapping[str, OutputNoise], isolate: bool | None) -> None:
+    """Fill each artifact's parity: by default in one fresh process that has not imported the
+    model's code, as a deployment host loads the package (:mod:`packager.fidelity.isolated`)."""
+    from packager.fidelity.isolated import in_process_requested, run_isolated
+
+    if not artifacts:
+        return
+    if isolate is None:
+        isolate = not in_process_requested()
+    if not isolate:
+        for art in artifacts:
+            art.parity = [check_parity(root / art.path, art, signature, golden[0], golden[1], atol, rtol,
+                                       extra_cases=extra_cases, noise=noise)]
+        return
+    run = run_isolated(root, artifacts, signature, (GOLDEN_INPUTS, GOLDEN_OUTPUTS), extra_cases, atol, rtol, noise)
+    for art, parity in zip(artifacts, run.parities):
+        art.parity = [parity]
+
+
+#: Bytes each format is expected to take per byte of model weights (measured: 1.00-1.005 for
+#: TorchScript, ONNX and torch.export), and per format for graphs, metadata and converters' extras.
+FORMAT_WEIGHT_FACTOR = 1.25
+FORMAT_SLACK = 1 << 20
+
+
+def _tensor_bytes(tensor: Any) -> int:
+    """Bytes of one torch / paddle / TF / Keras tensor or variable, from its shape and dtype."""
+    count = 1
+    for dim in tuple(tensor.shape):
+        count *= int(dim or 0)
+    if hasattr(tensor, "element_size"):  # torch, paddle
+        return count * int(tensor.element_size())
+    dtype = tensor.dtype
+    if hasattr(dtype, "size"):  # tf.DType
+        return count * int(dtype.size)
+    try:
+        return count * np.dtype(str(dtype)).itemsize  # Keras 3 variables: "float32"
+    except TypeError:
+        return count * 4
+
+
+#: Where each framework's models keep their weights, tried in order (the first that answers wins).
+WEIGHT_PROBES: tuple[Any, ...] = (
+    lambda model: model.state_dict().values(),  # torch nn.Module / ScriptModule, paddle Layer (buffers too)
+    lambda model: model.weights,  # Keras
+    lambda model: model.variables,  # tf.Module, a loaded SavedModel
+    lambda model: model.network.state_dict().values(),  # paddle.Model
+)
+
+
+def _path_bytes(path: str | None) -> int:
+    if not path or not Path(path).exists():
+        return 0
+    target = Path(path)
+    return sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) if target.is_dir() else \
+        target.stat().st_size
+
+
+def model_bytes(loaded: LoadedModel) -> int:
+    """Bytes of the model's weights (in memory), else of its source on disk, else 0."""
+    for probe in WEIGHT_PROBES:
+        try:
+            return sum(_tensor_bytes(t) for t in probe(loaded.model))
+        except Exception:  # not this framework's kind of model: try the next probe
+            continue
+    return _path_bytes(loaded.path)
+
+
+def estimate_package_bytes(loaded: LoadedModel, formats: list[str], arrays: Iterable[Mapping[str, np.ndarray]]) -> int:
+    """Free space an export needs before it starts: each format holds the weights once (with
+    a margin), plus graphs and metadata, plus the golden data and the parity worker's cases."""
+    data = sum(int(a.nbytes) for group in arrays for a in group.values())
+    weights = model_bytes(loaded)
+    return int(weights * FORMAT_WEIGHT_FACTOR * len(formats)) + FORMAT_SLACK * len(formats) + 2 * data
 
 
 def _extra(log: list[str], **source_options: str | None) -> dict[str, Any]:

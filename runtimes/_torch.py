@@ -71,6 +71,10 @@ def flatten(output: Any) -> list[Any]:
         return [t for v in output.values() for t in flatten(v)]
     if isinstance(output, (list, tuple)):
         return [t for v in output for t in flatten(v)]
+    from torch.utils import _pytree as pytree
+
+    if type(output) in pytree.SUPPORTED_NODES:  # a model's own output class (e.g. a registered dataclass)
+        return [t for v in pytree.tree_leaves(output) for t in flatten(v)]
     raise ExportError("model output", "is not a tensor, tuple, list or dict of tensors", got=type(output).__name__)
 
 

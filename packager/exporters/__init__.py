@@ -127,3 +127,47 @@ def detect_framework(source: Any) -> str:
     raise SourceError(f"model object of type {type(source).__name__}", f"(from module {module!r}) is not a "
                       "torch.nn.Module, Keras model / tf.Module or paddle.nn.Layer",
                       fix="pass a model object of a supported framework, or framework=...")
+
+
+def forward_parameters(fn: Any) -> tuple[list[str] | None, bool]:
+    """The positional-or-keyword parameter names of a model's ``forward`` (None when it takes
+    only ``*args`` or a lone ``input``), and whether it also takes ``**kwargs``."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None, False
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+    if len(names) == 1 and names[0] in ("args", "input", "inputs"):
+        return None, var_keyword
+    return names or None, var_keyword
+
+
+def bind_by_name(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Order ``feeds`` like the model's ``forward`` parameters and say how they are bound.
+
+    A tokenizer returns ``input_ids, token_type_ids, attention_mask`` while ``BertModel.forward``
+    takes ``input_ids, attention_mask, token_type_ids``: a positional call would feed one to the
+    other, and golden data computed the same wrong way would hide it. Returns the feeds in
+    parameter order and the manifest's binding record; ``loaded.extra["keyword_call"]`` is set
+    when the fed parameters are not a leading run of ``forward``'s (the exporter then calls the
+    model by keyword).
+
+    Raises:
+        UsageError: A feed name matches no parameter (and ``forward`` takes no ``**kwargs``).
+    """
+    params = loaded.input_names
+    if not params or not feeds:
+        return feeds, {"mode": "positional", "order": list(feeds)}
+    unknown = [name for name in feeds if name not in params]
+    if unknown and not loaded.extra.get("var_keyword"):
+        what = "the model's inputs" if loaded.framework == "tensorflow" else "forward()'s parameters"
+        raise UsageError(f"example inputs {unknown}", f"are not named like the model's inputs ({what})",
+                         expected=params, got=list(feeds),
+                         fix=f"name the example arrays (and --input-spec) after {what}")
+    order = [name for name in params if name in feeds] + unknown
+    loaded.extra["keyword_call"] = order != params[:len(order)]
+    return {name: feeds[name] for name in order}, {"mode": "keyword", "order": order,
+                                                     "given_order": list(feeds)}

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from packager.errors import ExportError, SourceError, TrustRequiredError, UsageError
-from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions
+from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions, forward_parameters
 from packager.exporters._onnx import name_dynamic_dims
 
 FRAMEWORK = "paddle"
@@ -258,17 +258,11 @@ def _load_weights(model: Any, state: dict[str, np.ndarray], subject: str) -> Non
 
 def _layer_loaded(layer: Any, kind: str, path: str | None, builder: str | None) -> LoadedModel:
     layer.eval()  # Dropout off, BatchNorm uses running statistics
-    names = None
-    try:
-        params = [p for p in inspect.signature(layer.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        names = [p.name for p in params] or None
-    except (TypeError, ValueError):
-        pass
-    if names and len(names) == 1 and names[0] in ("args", "input", "inputs"):
-        names = None
-    return LoadedModel(model=layer, kind=kind, framework=FRAMEWORK, input_names=names, path=path, builder=builder,
-                       reference="paddle dygraph (eval, no_grad)")
+    names, var_keyword = forward_parameters(layer.forward)
+    loaded = LoadedModel(model=layer, kind=kind, framework=FRAMEWORK, input_names=names, path=path, builder=builder,
+                         reference="paddle dygraph (eval, no_grad)")
+    loaded.extra["var_keyword"] = var_keyword
+    return loaded
 
 
 def _load_inference(files: Any, path: Path) -> LoadedModel:
@@ -319,7 +313,9 @@ def _run_eager(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> list[np.nda
         return list(runner.run(feeds).values())
     loaded.model.eval()
     with paddle.no_grad():
-        output = loaded.model(*[paddle.to_tensor(np.ascontiguousarray(a)) for a in feeds.values()])
+        tensors = [paddle.to_tensor(np.ascontiguousarray(a)) for a in feeds.values()]
+        # Bound by name (packager.exporters.bind_by_name): a keyword call, as users call forward.
+        output = loaded.model(**dict(zip(feeds, tensors))) if loaded.input_names else loaded.model(*tensors)
     if isinstance(output, dict) and loaded.output_names is None:
         loaded.output_names = [str(k) for k in output]
     return [np.asarray(t.numpy()) for t in _flatten(output)]
@@ -342,6 +338,11 @@ def export_format(fmt: str, loaded: LoadedModel, ctx: ExportContext, dest: Path)
     writers: dict[str, Callable[[LoadedModel, ExportContext, Path], ArtifactSpec]] = {
         "paddle_inference": _paddle_inference, "paddle_legacy": _paddle_legacy, "paddle_static": _paddle_static,
         "onnx": _onnx}
+    if loaded.extra.get("keyword_call"):  # paddle.jit.save binds InputSpecs to forward() by position
+        raise UsageError(f"format {fmt}", "cannot bind these inputs by name",
+                         expected=f"inputs that are the first parameters of forward(), in order: {loaded.input_names}",
+                         got=list(ctx.example_inputs), fix="feed forward()'s leading parameters (all up to the "
+                         "last one you feed)")
     return writers[fmt](loaded, ctx, dest)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from packager.errors import ExportError, SourceError, TrustRequiredError, UsageError
-from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions
+from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions, forward_parameters
 from packager.exporters._onnx import name_dynamic_dims
 from runtimes._torch import flatten
 
@@ -193,6 +193,7 @@ def load_source(source: Any, options: SourceOptions) -> LoadedModel:
             loaded = _loaded(program.module(), "torch_export", str(path), None)
             # Re-tracing an ExportedProgram's module fails; exporters take the program itself.
             loaded.extra["program"] = program
+            loaded.extra["call_positional"] = True
             return loaded
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -248,18 +249,46 @@ def _eval(model: Any) -> None:
 
 def _loaded(model: Any, kind: str, path: str | None, builder: str | None) -> LoadedModel:
     _eval(model)
-    names = None
-    forward = getattr(model, "forward", None)
-    try:
-        params = [p for p in inspect.signature(forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        names = [p.name for p in params] or None
-    except (TypeError, ValueError):
-        pass
-    if names and (names[0] in ("args", "input") and len(names) == 1):
-        names = None
-    return LoadedModel(model=model, kind=kind, framework=FRAMEWORK, input_names=names, path=path, builder=builder,
-                       reference="torch eager (eval, no_grad)")
+    names, var_keyword = forward_parameters(getattr(model, "forward", None))
+    loaded = LoadedModel(model=model, kind=kind, framework=FRAMEWORK, input_names=names, path=path, builder=builder,
+                         reference="torch eager (eval, no_grad)")
+    loaded.extra["var_keyword"] = var_keyword
+    return loaded
+
+
+def _by_keyword(loaded: LoadedModel, names: list[str]) -> Any:
+    """The model as a module taking ``names`` positionally, calling the model by keyword and
+    returning a flat tuple of tensors.
+
+    Exporters trace positional arguments; binding them by name here keeps a feed from reaching
+    another parameter, and a flat tuple keeps the artifact loadable without the model's own
+    output classes (a ``.pt2`` of a ``ModelOutput`` needs ``transformers`` to load otherwise).
+    ``forward`` gets an explicit signature (i0, i1, ...) so torch.export can bind dynamic shapes.
+    """
+    import torch
+
+    def forward(self: Any, *args: Any) -> tuple[Any, ...]:
+        output = self.model(**dict(zip(self.names, args))) if self.keywords else self.model(*args)
+        return output if isinstance(output, torch.Tensor) else tuple(flatten(output))
+
+    P = inspect.Parameter
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [P("self", P.POSITIONAL_OR_KEYWORD)] + [P(f"i{k}", P.POSITIONAL_OR_KEYWORD) for k in range(len(names))])
+    module = type("KeywordCall", (torch.nn.Module,), {"forward": forward})()
+    module.model, module.names, module.keywords = loaded.model, tuple(names), bool(loaded.input_names)
+    return module.eval()
+
+
+def _traceable(loaded: LoadedModel, ctx: ExportContext, always: bool = False) -> Any:
+    """What exporters trace: the model itself, or :func:`_by_keyword` when inputs are bound by
+    keyword out of ``forward``'s order (or ``always``: flat outputs)."""
+    if loaded.extra.get("keyword_call") and loaded.extra.get("call_positional"):
+        raise UsageError("example inputs", "skip parameters of a torch.export program, which takes its inputs "
+                         "positionally", expected=loaded.input_names, got=list(ctx.example_inputs),
+                         fix="feed every parameter up to the last one you feed, in forward()'s order")
+    if always or (loaded.input_names and loaded.extra.get("keyword_call")):
+        return _by_keyword(loaded, list(ctx.example_inputs))
+    return loaded.model
 
 
 def _tensors(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> tuple[Any, ...]:
@@ -274,7 +303,12 @@ def run_eager(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> list[np.ndar
 
     _eval(loaded.model)
     with torch.no_grad():
-        output = loaded.model(*_tensors(loaded, feeds))
+        # Bound by name (packager.exporters.bind_by_name); a .pt2 program's module takes its
+        # arguments only as they were exported: positionally, in forward()'s order.
+        if loaded.input_names and not loaded.extra.get("call_positional"):
+            output = loaded.model(**dict(zip(feeds, _tensors(loaded, feeds))))
+        else:
+            output = loaded.model(*_tensors(loaded, feeds))
     if isinstance(output, dict) and loaded.output_names is None:
         loaded.output_names = [str(k) for k in output]
     return [t.detach().cpu().numpy() for t in flatten(output)]
@@ -299,13 +333,19 @@ def _torchscript(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> Artifac
     if loaded.kind == "torchscript":
         module = loaded.model
     elif mode == "script":
+        if loaded.extra.get("keyword_call"):
+            raise UsageError("--torchscript-mode script", "cannot bind these inputs by name",
+                             expected=f"inputs that are the first parameters of forward(), in order: "
+                                      f"{loaded.input_names}", got=list(ctx.example_inputs),
+                             fix="use the default trace mode, or feed forward()'s leading parameters")
         try:
             module = torch.jit.script(loaded.model)
         except Exception as exc:
             raise ExportError("format torchscript", f"torch.jit.script failed: {str(exc).splitlines()[0]}",
                               fix="use the default trace mode, or make the model scriptable") from None
     else:
-        module = torch.jit.trace(loaded.model, _tensors(loaded, ctx.example_inputs), check_trace=False, strict=False)
+        module = torch.jit.trace(_traceable(loaded, ctx), _tensors(loaded, ctx.example_inputs), check_trace=False,
+                                 strict=False)
     module = torch.jit.freeze(module) if ctx.options.get("torchscript_freeze") else module
     target = dest / "model.pt"
     torch.jit.save(module, str(target))
@@ -357,14 +397,14 @@ def _onnx(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
                                       output_names=output_names, opset_version=opset, dynamo=True,
                                       external_data=False, optimize=True, verbose=False)
                 elif dynamo:
-                    torch.onnx.export(loaded.model, args, str(target), input_names=input_names,
+                    torch.onnx.export(_traceable(loaded, ctx), args, str(target), input_names=input_names,
                                       output_names=output_names, opset_version=opset, dynamo=True,
                                       dynamic_shapes=_positional_shapes(loaded, ctx), external_data=False,
                                       optimize=True, verbose=False)
                 else:
                     axes = {s.name: {a: n for a, n in s.dynamic_axes.items()}
                             for s in [*ctx.signature.inputs, *ctx.signature.outputs] if s.dynamic_axes}
-                    torch.onnx.export(loaded.model, args, str(target), input_names=input_names,
+                    torch.onnx.export(_traceable(loaded, ctx), args, str(target), input_names=input_names,
                                       output_names=output_names, opset_version=opset, dynamo=False,
                                       dynamic_axes=axes, do_constant_folding=True)
             exporter_used = "dynamo" if dynamo else "torchscript"
@@ -397,7 +437,8 @@ def _torch_export(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> Artifa
         torch.export.save(loaded.extra["program"], str(dest / "model.pt2"))
         return ArtifactSpec(path=f"{dest.name}/model.pt2", options={"from": "source program"})
     try:
-        program = torch.export.export(loaded.model, args, dynamic_shapes=_positional_shapes(loaded, ctx))
+        program = torch.export.export(_traceable(loaded, ctx, always=True), args,
+                                      dynamic_shapes=_positional_shapes(loaded, ctx))
     except Exception as exc:
         raise ExportError("format torch_export", f"torch.export failed: {str(exc).splitlines()[0]}",
                           fix="check the dynamic axes in --input-spec (a model that needs a fixed size cannot "

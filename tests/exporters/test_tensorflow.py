@@ -350,7 +350,7 @@ def test_cli_signature_option(multi_signature, keras_cnn, tmp_path):
     assert [o["name"] for o in manifest["signature"]["outputs"]] == ["probs"]
     assert manifest["extra"]["source_options"] == {"signature_key": "probs"}
     # The eager reference reloads the same signature, not serving_default.
-    report = packager.verify(tmp_path / "pkg", reference="eager")
+    report = packager.verify(tmp_path / "pkg", reference="eager", source=multi_signature)
     assert report.passed, report.to_dict()
 
 

@@ -92,7 +92,7 @@ def test_eager_reference_from_a_keras_file(tf_good, fid_dir: Path) -> None:
     path = fid_dir / "tf_good.keras"
     model.save(path)
     pkg = packager.export(path, T.image_inputs(0), out=fid_dir / "tf_from_file").path
-    report = packager.verify(pkg, reference="eager")  # the manifest records the source path
+    report = packager.verify(pkg, reference="eager", source=path)
     assert report.passed and report.reference == "eager"
     assert all(c.reference.startswith("eager tensorflow") for r in report.rows for c in r.cases
                if c.case != "batch consistency")
