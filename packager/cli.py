@@ -15,16 +15,20 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from packager.errors import ExitCode, PackagerError, UsageError
 
 app = typer.Typer(name="packager", help="Export trained models to verified deployment packages, verify them, "
                   "and run batch inference.", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
-out = Console()
-err = Console(stderr=True)
+                  pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+# Markup off everywhere: messages, paths, names and help carry square brackets
+# ('float32[batch,3]', a path '[/x]'), which rich would eat or choke on. Styled words are
+# Text parts instead (see _styled).
+out = Console(markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
 _state = {"debug": False}
 
 
@@ -45,9 +49,7 @@ def _print_packager_warnings() -> None:
     def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
              line: Any = None) -> None:
         if category.__module__.startswith("packager"):
-            from rich.markup import escape
-
-            err.print(f"[bold yellow]warning[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+            err.print(_styled(("warning", "bold yellow"), f" {message}"), soft_wrap=True)
         else:
             shown(message, category, filename, lineno, file, line)
 
@@ -126,7 +128,7 @@ def export(
         out.print_json(result.manifest.model_dump_json())
     else:
         _print_artifacts(result.manifest)
-        out.print(f"[bold]{'wrote' if result.passed else 'wrote (PARITY FAILED)'}[/] {result.path}")
+        out.print(_styled(("wrote" if result.passed else "wrote (PARITY FAILED)", "bold"), f" {result.path}"))
     if not result.passed:
         raise typer.Exit(int(ExitCode.FIDELITY))
 
@@ -258,8 +260,14 @@ def run(
                        progress_log=progress_log if progress_log is not None else
                        (None if quiet or interactive else "-"),
                        engine=engine, address=address, num_workers=num_workers)
-    summary = run_dataset(package, input_path, output_path, format=fmt, runtime=runtime, device=device, cast=cast,
-                          config=config, verify=not skip_integrity)
+    try:
+        summary = run_dataset(package, input_path, output_path, format=fmt, runtime=runtime, device=device,
+                              cast=cast, config=config, verify=not skip_integrity)
+    except KeyboardInterrupt:
+        # Caught here: click would turn it into "Aborted!" and exit 1 before main() sees it.
+        err.print("interrupted; nothing was left half-written. Run the same command again to resume from the "
+                  "last finished shard.", soft_wrap=True)
+        raise typer.Exit(130) from None
     if as_json:
         out.print_json(json.dumps(summary.to_dict()))
     if not quiet:
@@ -313,7 +321,7 @@ def bench(
         table.add_column(col, justify="right" if col not in ("format", "runtime", "device") else "left")
     for row in report.rows:
         if row.error:
-            table.add_row(row.format, row.runtime, row.device, str(row.batch_size), "[red]error[/]",
+            table.add_row(row.format, row.runtime, row.device, str(row.batch_size), Text("error", "red"),
                           row.error[:60], "", "")
             continue
         table.add_row(row.format, row.runtime, row.device, str(row.batch_size), f"{row.p50_ms:.3f}",
@@ -338,14 +346,15 @@ def inspect(
     if as_json:
         out.print_json(manifest.model_dump_json())
         return
-    out.print(f"[bold]{manifest.name}[/] from {manifest.source.framework} {manifest.source.framework_version} "
-              f"({manifest.source.kind}), schema v{manifest.schema_version}, packager {manifest.packager_version}")
+    out.print(_styled((manifest.name, "bold"), f" from {manifest.source.framework} {manifest.source.framework_version} "
+                      f"({manifest.source.kind}), schema v{manifest.schema_version}, packager "
+                      f"{manifest.packager_version}"))
     sig = Table(title="signature")
     for col in ("kind", "name", "dtype", "shape"):
         sig.add_column(col)
     for kind, specs in (("input", manifest.signature.inputs), ("output", manifest.signature.outputs)):
         for spec in specs:
-            sig.add_row(kind, escape(spec.name), spec.dtype, escape(spec.shape_str()))
+            sig.add_row(kind, spec.name, spec.dtype, spec.shape_str())
     out.print(sig)
     _print_artifacts(manifest)
     out.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
@@ -361,8 +370,8 @@ def pack(
     from packager.archive import pack as do_pack
 
     result = do_pack(package, out_file, overwrite=overwrite)
-    out.print(f"[bold]packed[/] {result.files} files ({_human(result.bytes)}) into {_esc(result.path)} "
-              f"({_human(result.path.stat().st_size)})")
+    out.print(_styled(("packed", "bold"), f" {result.files} files ({_human(result.bytes)}) into {result.path} "
+                      f"({_human(result.path.stat().st_size)})"))
 
 
 def _trust_artifacts(trust: bool) -> None:
@@ -376,21 +385,21 @@ def _integrity_only(package: Path) -> None:
     from packager.package import Package
 
     report = Package(package, verify=False).verify_integrity()
-    out.print(f"[green]integrity OK[/] {_esc(package)}: {report.files} files, {_human(report.bytes)}, "
-              f"SHA-256 checked in {report.seconds:.2f} s")
+    out.print(_styled(("integrity OK", "green"), f" {package}: {report.files} files, {_human(report.bytes)}, "
+                      f"SHA-256 checked in {report.seconds:.2f} s"))
 
 
-def _esc(value: Any) -> str:
-    from rich.markup import escape
-
-    return escape(str(value))  # a path with '[' must not be read as markup
+def _styled(*parts: str | tuple[str, str]) -> Text:
+    """One line of plain text with styled parts (``("error", "bold red")``): nothing in it is
+    parsed as markup, so interpolated paths, names and messages print as they are."""
+    return Text.assemble(*parts)
 
 
 def _warn_skip_integrity(package: Path) -> None:
-    err.print(f"[bold yellow]WARNING --skip-integrity[/]: the size and SHA-256 of the files of {_esc(package)} are NOT "
-              "checked, nor is the package checked for unlisted files; a modified, truncated or planted file "
-              "will be handed to the framework as is. Use only on a package you just verified.",
-              highlight=False)
+    err.print(_styled(("WARNING --skip-integrity", "bold yellow"),
+                      f": the size and SHA-256 of the files of {package} are NOT checked, nor is the package checked "
+                      "for unlisted files; a modified, truncated or planted file will be handed to the framework as "
+                      "is. Use only on a package you just verified."))
 
 
 def _print_artifacts(manifest: Any) -> None:
@@ -400,8 +409,8 @@ def _print_artifacts(manifest: Any) -> None:
     for art in manifest.artifacts:
         size = sum(f.size for f in art.files)
         worst = max((o.max_abs or 0.0 for p in art.parity for o in p.outputs), default=None)
-        verdict = "-" if not art.parity else ("[green]PASS[/]" if art.passed else "[red]FAIL[/]")
-        table.add_row(art.format, escape(art.path), _human(size), ", ".join(art.runtimes), verdict,
+        verdict = Text("-") if not art.parity else (Text("PASS", "green") if art.passed else Text("FAIL", "red"))
+        table.add_row(art.format, art.path, _human(size), ", ".join(art.runtimes), verdict,
                       f"{worst:.3g}" if worst is not None else "-")
     out.print(table)
 
@@ -461,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             err.print_exception()
             if exc.details:
                 err.print(exc.details)
-        err.print(f"[bold red]error[/] {exc.message}", highlight=False, markup=True, soft_wrap=True)
+        err.print(_styled(("error", "bold red"), f" {exc.message}"), soft_wrap=True)
         return int(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted; nothing was left half-written")
@@ -469,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug in packager: say so, keep the trace behind --debug
         if debug:
             err.print_exception()
-        err.print(f"[bold red]internal error[/] {type(exc).__name__}: {exc}. Re-run with --debug and report it.",
-                  highlight=False)
+        err.print(_styled(("internal error", "bold red"), f" {type(exc).__name__}: {exc}. Re-run with --debug and "
+                          "report it."))
         return int(ExitCode.INTERNAL)
 
 

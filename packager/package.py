@@ -22,7 +22,7 @@ from typing import Collection, Iterator
 
 import numpy as np
 
-from packager.errors import ExistsError, InputError, IntegrityError, ManifestError
+from packager.errors import ExistsError, ExportError, InputError, IntegrityError, ManifestError, PackagerError
 from packager.digests import Span, chunk_digests, chunk_size, digest_spans, sha256_file, spans_of
 from packager.manifest import MANIFEST_NAME, Chunks, FileEntry, Manifest, load_manifest
 
@@ -99,18 +99,22 @@ def temp_prefix(dest: Path, kind: str = "tmp") -> str:
     return f".{dest.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
 
 
-def sweep_stale(dest: Path) -> list[Path]:
+def sweep_stale(dest: Path, *, any_name: bool = False) -> list[Path]:
     """Delete temporary siblings of ``dest`` left by killed processes of this host.
 
     Only entries whose recorded PID no longer runs on this host are removed: a write in
     progress elsewhere (another process, another machine on a shared disk) is never touched.
+    ``any_name``: also those of other destinations in the same folder (an export killed by a
+    full disk, or aborted inside a framework's C++ writer, leaves ``.OTHER.tmp-HOST-PID-*``
+    filling the disk that the next export to a new name needs).
     """
     host = socket.gethostname()
     removed = []
     for kind in ("tmp", "old"):
         prefix = f".{dest.name}.{kind}-{host}-"
-        for entry in dest.parent.glob(f"{glob.escape(prefix)}*"):
-            pid_text = entry.name[len(prefix):].split("-", 1)[0]
+        pattern = f".*.{kind}-{glob.escape(host)}-*" if any_name else f"{glob.escape(prefix)}*"
+        for entry in dest.parent.glob(pattern):
+            pid_text = entry.name.rsplit(f".{kind}-{host}-", 1)[-1].split("-", 1)[0]
             if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
                 continue
             if entry.is_dir() and not entry.is_symlink():
@@ -131,18 +135,111 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: Replaces the measured free space of the destination's file system, in bytes (tests, and an
+#: estimate known to be wrong: ``PACKAGER_FREE_BYTES=1e12`` skips the check). Documented in README.
+FREE_BYTES_ENV = "PACKAGER_FREE_BYTES"
+#: errno values that mean "the disk (or the user's quota) is full".
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: How frameworks word a full disk when they lose the errno (C++ writers, converters' own errors).
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "[Errno 28]", "[Errno 122]")
+#: Below this many free bytes after a failed write, the failure is put down to the full disk:
+#: torch's C++ zip writer reports only "file write failed" / "unexpected pos".
+_NEARLY_FULL = 1 << 20
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB ({n:,} bytes)"
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes for an unprivileged writer in ``folder``'s file system (``PACKAGER_FREE_BYTES`` overrides)."""
+    forced = os.environ.get(FREE_BYTES_ENV, "").strip()
+    if forced:
+        try:
+            return int(float(forced))
+        except ValueError:
+            raise InputError(f"environment variable {FREE_BYTES_ENV}", "is not a number of bytes", got=forced,
+                             fix=f"unset it, or set it to an integer such as {FREE_BYTES_ENV}=1000000000") from None
+    return shutil.disk_usage(folder).free
+
+
+def check_free_space(folder: Path, needed: int, what: str = "this export") -> None:
+    """Refuse to start writing ``needed`` bytes into ``folder`` when its file system has less free.
+
+    Some writers cannot fail cleanly on a full disk (torch's TorchScript and ``.pt2`` zip writer
+    aborts the whole process from a C++ destructor), so the space is checked before the first byte.
+
+    Raises:
+        InputError: Naming the folder, the free and the needed bytes (exit 2).
+    """
+    free = free_bytes(folder)
+    if needed > free:
+        raise InputError(f"output folder {str(folder)!r}", f"has too little free space for {what}",
+                         expected=f"at least {_size(needed)} free (estimated from the model's parameters, "
+                         "the formats and the golden data, with a margin)", got=f"{_size(free)} free",
+                         fix=f"free some space there or choose an --out on a larger disk; if the estimate is "
+                             f"wrong, {FREE_BYTES_ENV}=<bytes> replaces the measured free space")
+
+
+def is_disk_full(exc: BaseException, folder: Path | None = None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) comes from a full disk or quota.
+
+    With ``folder``: also a failed write (an ``OSError``, a framework's own exception, an
+    :class:`ExportError`) while ``folder``'s file system has (almost) no space left; never a
+    verdict (parity, usage) or an interrupt.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(current) for text in _DISK_FULL_TEXT):
+            return True
+        current = current.__cause__ or current.__context__
+    if folder is None or not isinstance(exc, Exception) or (isinstance(exc, PackagerError)
+                                                            and not isinstance(exc, ExportError)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL
+    except OSError:
+        return False
+
+
+def disk_full_error(folder: Path, exc: BaseException) -> InputError:
+    """The exit-2 error for a write that ran out of space in ``folder``."""
+    try:
+        free = _size(shutil.disk_usage(folder).free)
+    except OSError:
+        free = "unknown"
+    return InputError(f"output folder {str(folder)!r}", "ran out of disk space while the package was written; "
+                      "nothing was written and the partial files were removed",
+                      expected="enough free space for the package", got=f"{free} free, and: {str(exc)[:300]}",
+                      fix="free some space there or choose an --out on a larger disk, then export again")
+
+
 class PackageWriter:
     """Builds a package in a temporary folder beside ``dest`` and renames it into place.
 
     An exception (or a kill) before :meth:`commit` leaves ``dest`` untouched: the temp folder
-    is removed on exceptions and is a hidden ``.NAME.tmp-*`` sibling otherwise.
+    is removed on exceptions and is a hidden ``.NAME.tmp-*`` sibling otherwise, which the next
+    writer into the same folder deletes once its process is gone (:func:`sweep_stale`).
+
+    Args:
+        dest: The package folder to create.
+        overwrite: Replace an existing package at ``dest`` (at commit, atomically).
+        reserve: Bytes the package is expected to need: refused before anything is written when
+            the file system has less free (:func:`check_free_space`).
     """
 
-    def __init__(self, dest: str | Path, *, overwrite: bool = False) -> None:
+    def __init__(self, dest: str | Path, *, overwrite: bool = False, reserve: int = 0) -> None:
         self.dest = check_destination(dest, overwrite).absolute()
         self.overwrite = overwrite
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(self.dest)
+        # Sweep first: a killed export's leftovers may be what fills the disk.
+        sweep_stale(self.dest, any_name=True)
+        if reserve:
+            check_free_space(self.dest.parent, reserve)
         self.root = Path(tempfile.mkdtemp(prefix=temp_prefix(self.dest), dir=self.dest.parent))
         self._committed = False
 
@@ -151,8 +248,12 @@ class PackageWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        full = exc is not None and not self._committed and is_disk_full(exc, self.root)
         if not self._committed:
             shutil.rmtree(self.root, ignore_errors=True)
+        if full and not isinstance(exc, InputError):
+            # A full disk is the user's to fix (exit 2), whatever layer noticed it.
+            raise disk_full_error(self.dest.parent, exc) from exc
 
     def path(self, relative: str) -> Path:
         """Absolute path inside the package being written (parents created)."""
@@ -444,16 +545,75 @@ class Package:
         return iter(self.manifest.artifacts)
 
 
+#: Deflate cannot expand more than about 1032:1; a zip that declares more is lying.
+NPZ_MAX_EXPANSION = 1100
+
+
+def check_npz_members(archive: zipfile.ZipFile, size: int, subject: str) -> None:
+    """Refuse an ``.npz`` whose directory could make a reader allocate far more than the file
+    holds (a decompression bomb): duplicate names, members that overlap (20,000 entries
+    pointing at one 1 MiB member), unknown compression, or more declared bytes than the file
+    can hold. Each member's ``.npy`` header must also declare exactly the bytes it stores.
+
+    Raises:
+        InputError: The first problem found (exit 2), before any array is materialised.
+    """
+    infos = archive.infolist()
+    fix = "write the file again with numpy.savez; an .npz from an untrusted source may be an attack"
+    names = [i.filename for i in infos]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InputError(subject, f"lists member {dup!r} more than once (a zip bomb or a damaged file)", fix=fix)
+    end = 0
+    for info in sorted(infos, key=lambda i: i.header_offset):
+        if info.header_offset < end:
+            raise InputError(subject, f"member {info.filename!r} overlaps the member before it (a zip bomb)", fix=fix)
+        end = info.header_offset + 30 + len(info.orig_filename.encode()) + info.compress_size
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise InputError(subject, f"member {info.filename!r} uses zip compression {info.compress_type}",
+                             expected="stored or deflate (numpy.savez / savez_compressed)", got=info.compress_type,
+                             fix=fix)
+    if end > size:
+        raise InputError(subject, "lists members beyond the end of the file", expected=f"<= {size} bytes",
+                         got=f"{end} bytes", fix=fix)
+    declared = sum(i.file_size for i in infos)
+    if declared > NPZ_MAX_EXPANSION * max(size, 1):
+        raise InputError(subject, "declares more data than any .npz of its size can hold (a decompression bomb)",
+                         expected=f"<= {NPZ_MAX_EXPANSION} x {size} bytes", got=f"{declared} bytes", fix=fix)
+    for info in infos:
+        if not info.filename.endswith(".npy"):
+            continue
+        with archive.open(info) as member:
+            try:
+                version = np.lib.format.read_magic(member)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)(member)
+            except (ValueError, EOFError) as exc:
+                raise InputError(subject, f"member {info.filename!r} has no valid .npy header ({exc})",
+                                 fix=fix) from None
+            if not dtype.hasobject and member.tell() + math.prod(shape) * dtype.itemsize != info.file_size:
+                raise InputError(subject, f"member {info.filename!r}: its header declares shape {shape} of "
+                                 f"{dtype}, which does not match the bytes it holds",
+                                 expected=f"{info.file_size - member.tell()} bytes of data",
+                                 got=f"{math.prod(shape) * dtype.itemsize} bytes", fix=fix)
+
+
 def load_npz(path: str | Path, data: bytes | bytearray | None = None) -> dict[str, np.ndarray]:
-    """Load every array of an ``.npz`` (no pickles), from ``data`` when its content is in memory."""
+    """Load every array of an ``.npz`` (no pickles), from ``data`` when its content is in memory.
+
+    The zip directory and every ``.npy`` header are checked first (:func:`check_npz_members`),
+    so a forged file is refused before anything is allocated.
+    """
     try:
+        with zipfile.ZipFile(io.BytesIO(data) if data is not None else path) as archive:
+            check_npz_members(archive, len(data) if data is not None else os.path.getsize(path), str(path))
         if data is not None:
             arrays = _stored_npz(data)
             if arrays is not None:
                 return arrays
         with np.load(io.BytesIO(data) if data is not None else path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
         raise InputError(str(path), f"cannot be read as .npz ({exc})", fix="save it with numpy.savez") from None
 
 

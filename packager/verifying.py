@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field
 
-from packager.errors import ContractError, ExitCode, InputError, PackagerError, UsageError
+from packager.errors import ContractError, ExitCode, InputError, PackagerError, TrustRequiredError, UsageError
 from packager.fidelity.contract import check_outputs, native_contract, onnx_contract
 from packager.fidelity.judge import Judge, conversion_kind, judge_for
 from packager.fidelity.metrics import OutputMetrics, noise_floor
@@ -179,6 +179,18 @@ class _EagerReference:
         from packager.exporters import SourceOptions, exporter
 
         manifest = package.manifest
+        if not trust:
+            # The manifest's source path and builder are written by whoever wrote the package:
+            # importing them would run the package's code (a shipped build.py, a pickled save).
+            named = [flag for flag, mine, recorded in (("--source", source, manifest.source.path),
+                                                        ("--builder", builder, manifest.source.builder))
+                     if mine is None and recorded]
+            if named:
+                raise TrustRequiredError(
+                    "--reference eager", f"would load {', '.join(named)} from the package's manifest "
+                    f"({manifest.source.path!r}, builder {manifest.source.builder!r}): a package cannot choose "
+                    "the code that judges it", expected="the source (and builder) named by you", got="none given",
+                    fix=f"pass {' and '.join(named)} yourself, or --trust if you know where the package comes from")
         src = source or manifest.source.path
         if not src:
             raise UsageError("--reference eager", "needs the model's source, which the manifest does not record",

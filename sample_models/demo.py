@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 #: sample name -> "module:function". The function takes a work folder and returns the
 #: keyword arguments of packager.export (source, example_inputs/input_spec, builder, ...).
@@ -56,7 +57,7 @@ def run_demo(out_dir: str | Path, only: list[str] | None = None, console: Consol
     from packager.batch import run_batches
     from packager.errors import DependencyError, PackagerError
 
-    console = console or Console()
+    console = console or Console(markup=False, highlight=False)  # names and paths are not markup
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = only or list(DEMOS)
@@ -84,7 +85,8 @@ def run_demo(out_dir: str | Path, only: list[str] | None = None, console: Consol
                 table.add_row(name, "-", "-", "skipped", f"not installed: {exc}", "-", "-")
                 continue
             pkg = out_dir / name
-            console.print(f"[bold]{name}[/]: exporting {kwargs['source'] if not hasattr(kwargs['source'], 'eval') else 'in-memory model'}")
+            source = kwargs['source'] if not hasattr(kwargs['source'], 'eval') else 'in-memory model'
+            console.print(Text.assemble((name, "bold"), f": exporting {source}"))
             result = packager.export(out=pkg, overwrite=True, **kwargs)
             report = packager.verify(pkg)
             with runtimes.load(pkg) as runner:
@@ -97,14 +99,18 @@ def run_demo(out_dir: str | Path, only: list[str] | None = None, console: Consol
             rows = next(iter(outputs.values())).shape[0]
             table.add_row(name, _saved_as(kwargs["source"]),
                           " ".join(result.manifest.formats),
-                          "[green]PASS[/]" if result.passed else "[red]FAIL[/]",
-                          "[green]PASS[/]" if report.passed else "[red]FAIL[/]", f"{rows} rows",
+                          _verdict(result.passed), _verdict(report.passed), f"{rows} rows",
                           f"{time.perf_counter() - start:.1f}")
         except PackagerError as exc:
             failed.append(name)
-            table.add_row(name, "-", "-", "[red]ERROR[/]", exc.message[:80], "-", f"{time.perf_counter() - start:.1f}")
+            table.add_row(name, "-", "-", Text("ERROR", "red"), Text(exc.message[:80]), "-",
+                          f"{time.perf_counter() - start:.1f}")
         finally:
             shutil.rmtree(work, ignore_errors=True)
     console.print(table)
     console.print(f"packages in {out_dir.resolve()}; inspect one with: packager inspect {out_dir / names[0]}")
     return failed
+
+
+def _verdict(passed: bool) -> Text:
+    return Text("PASS", "green") if passed else Text("FAIL", "red")

@@ -147,3 +147,44 @@ def test_schema_command_prints_the_report_schema():
 
     proc = run_cli("schema", "--report")
     assert proc.returncode == 0 and json.loads(proc.stdout) == report_json_schema()
+
+
+# --- square brackets are text, never markup (issue 12 item 8) ----------------------------------
+def test_help_keeps_square_brackets():
+    proc = run_cli("export", "--help")
+    assert proc.returncode == 0
+    assert "float32[" in proc.stdout  # the --input-spec example the fix message points to
+
+
+@pytest.mark.parametrize("name", ["[/x]", "a[b]c", "[bold]x", "[", "]x[/"])
+def test_bracketed_paths_in_errors(tmp_path, name):
+    missing = tmp_path / name / "pkg"
+    for args in (["verify", str(missing)], ["inspect", str(missing)], ["run", str(missing), "-i", "x.npz", "-o", "y.npz"]):
+        proc = run_cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)  # not 1 (MarkupError) nor 70
+        assert name in proc.stderr.replace("\n", ""), proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_bracketed_names_in_messages_and_the_verify_report(mlp_onnx_package, tmp_path):
+    """Input names, id columns and output names with brackets, through real commands."""
+    import packager
+
+    feeds = {"x[/b]": np.zeros((2, 16), np.float32)}
+    np.savez(tmp_path / "bad.npz", **feeds)
+    proc = run_cli("run", str(mlp_onnx_package), "-i", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "o.npz"))
+    assert proc.returncode == 2 and "x[/b]" in proc.stderr.replace("\n", ""), proc.stderr
+    data = packager.Package(mlp_onnx_package).manifest.signature
+    good = {s.name: np.zeros((2, 16), np.float32) for s in data.inputs}
+    np.savez(tmp_path / "good.npz", **good)
+    proc = run_cli("run", str(mlp_onnx_package), "-i", str(tmp_path / "good.npz"), "-o", str(tmp_path / "o.npz"),
+                   "--id-column", "[/id]")
+    assert proc.returncode == 2 and "[/id]" in proc.stderr.replace("\n", ""), proc.stderr
+
+    from sample_models.torch_models import train_mlp
+
+    model, example = train_mlp(steps=1)
+    pkg = packager.export(model, example, out=tmp_path / "pkg", formats=["onnx"], output_names=["logits[/red]"]).path
+    proc = run_cli("verify", str(pkg), env={"COLUMNS": "300"})  # one table line per row
+    assert proc.returncode == 0, proc.stderr
+    assert "logits[/red]" in (proc.stdout + proc.stderr).replace("\n", "")

@@ -378,3 +378,152 @@ def test_npz_from_memory_matches_np_load() -> None:
     np.savez(buf, o=np.array([{"a": 1}], dtype=object))
     with pytest.raises(InputError, match="Python objects"):
         load_npz("golden.npz", buf.getvalue())
+
+
+# --- disk space (issue 12 item 7) --------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    """The PID of a process of this host that has exited."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          timeout=60)
+    return int(proc.stdout)
+
+
+def test_writer_sweeps_dead_exports_of_any_name_and_keeps_live_ones(tmp_path: Path) -> None:
+    """An export killed by a full disk leaves a hidden temp folder filling it: the next writer
+    into the folder removes it, whatever package it was for, once its process is gone."""
+    import socket
+
+    host = socket.gethostname()
+    dead = tmp_path / f".other.tmp-{host}-{_dead_pid()}-abcd1234"
+    dead.mkdir()
+    (dead / "weights.bin").write_bytes(b"\0" * 4096)
+    dead_file = tmp_path / f".archive.tar.gz.tmp-{host}-{_dead_pid()}-x1"  # a killed 'pack'
+    dead_file.write_bytes(b"partial")
+    live = tmp_path / f".busy.tmp-{host}-{os.getppid()}-abcd1234"  # a write in progress
+    remote = tmp_path / f".shared.tmp-another-host-{_dead_pid()}-abcd1234"  # a PID of another machine
+    for folder in (live, remote):
+        folder.mkdir()
+    with PackageWriter(tmp_path / "pkg"):
+        assert not dead.exists() and not dead_file.exists()
+        assert live.exists() and remote.exists()
+
+
+def test_free_space_is_checked_before_anything_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from packager.errors import InputError
+
+    monkeypatch.setenv(package_mod.FREE_BYTES_ENV, "1000")
+    with pytest.raises(InputError) as info:
+        PackageWriter(tmp_path / "pkg", reserve=5_000_000)
+    message = info.value.message
+    assert info.value.exit_code == ExitCode.USAGE
+    assert str(tmp_path) in message and "1,000 bytes" in message and "5,000,000 bytes" in message
+    assert package_mod.FREE_BYTES_ENV in message  # the way out when the estimate is wrong
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv(package_mod.FREE_BYTES_ENV, "lots")
+    with pytest.raises(InputError, match="not a number of bytes"):
+        PackageWriter(tmp_path / "pkg", reserve=1)
+
+
+def test_cli_export_refuses_a_disk_without_room(tmp_path: Path) -> None:
+    """From the command line: exit 2, the folder and both figures, no traceback, nothing written."""
+    import torch
+
+    from sample_models.torch_models import build_mlp
+
+    torch.save(build_mlp().state_dict(), tmp_path / "w.pth")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_cli("export", str(tmp_path / "w.pth"), "--builder", "sample_models.torch_models:build_mlp",
+                   "--input-spec", "x:float32[batch,16]", "--formats", "onnx,torchscript", "--out", str(out / "pkg"),
+                   env={package_mod.FREE_BYTES_ENV: "4096"})
+    assert proc.returncode == 2, proc.stderr
+    assert "too little free space" in proc.stderr and "4,096 bytes" in proc.stderr and str(out) in proc.stderr
+    assert "Traceback" not in proc.stderr and list(out.iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2 MiB tmpfs (needs root: skipped where mounting is not permitted)."""
+    import shutil
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if not shutil.which("mount"):
+        pytest.skip("no mount command")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                          text=True, timeout=60)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=60)
+
+
+#: 4.2 MB of float32 weights: more than the 2 MiB disk holds.
+BIG_MODEL = "torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 8)).eval()"
+
+
+def _big_model():
+    import torch
+
+    torch.manual_seed(0)
+    return eval(BIG_MODEL, {"torch": torch})
+
+
+def _export_big(out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Export the big model to TorchScript from the CLI's entry point in a subprocess: on a full
+    disk torch's writer may abort the process, which must not take the test session with it."""
+    script = (f"import sys, numpy as np, torch, packager\n"
+              f"torch.manual_seed(0)\nmodel = {BIG_MODEL}\n"
+              f"try:\n    packager.export(model, {{'x': np.zeros((2, 1024), np.float32)}}, out={str(out)!r}, "
+              "formats=['torchscript'])\n"
+              "except packager.errors.PackagerError as exc:\n    print(exc.message, file=sys.stderr)\n"
+              "    sys.exit(int(exc.exit_code))\n")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_small_disk_is_refused_before_the_first_byte(small_disk: Path) -> None:
+    """TorchScript's writer aborts the process on a full disk: the check must come first."""
+    proc = _export_big(small_disk / "pkg")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "too little free space" in proc.stderr and str(small_disk) in proc.stderr
+    assert list(small_disk.iterdir()) == []
+
+
+def test_disk_filling_up_during_export_is_exit_2_and_leaves_nothing(small_disk: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the estimate is overridden (or another writer fills the disk meanwhile), a write
+    that fails with ENOSPC becomes a clear exit-2 error and the partial package is removed."""
+    import packager
+    from packager.errors import InputError
+
+    monkeypatch.setenv(package_mod.FREE_BYTES_ENV, str(10 ** 12))
+    with pytest.raises(InputError) as info:
+        packager.export(_big_model(), {"x": np.zeros((2, 1024), np.float32)}, out=small_disk / "pkg",
+                        formats=["onnx"])
+    assert "ran out of disk space" in info.value.message and str(small_disk) in info.value.message
+    assert list(small_disk.iterdir()) == []
+
+
+def test_export_aborted_by_a_full_disk_is_swept_by_the_next_one(small_disk: Path) -> None:
+    """torch's C++ writer aborts the process (SIGABRT) on a full disk, leaving its temp folder;
+    the next export into the same folder, even to another name, removes it and succeeds."""
+    import signal
+
+    import packager
+
+    proc = _export_big(small_disk / "big", env={package_mod.FREE_BYTES_ENV: str(10 ** 12)})
+    assert proc.returncode in (-signal.SIGABRT, 2), proc.stderr[-2000:]
+    if proc.returncode == 2:  # caught (the writer no longer aborts): a clear message, nothing left
+        assert "disk space" in proc.stderr and list(small_disk.iterdir()) == []
+    else:
+        assert [p.name.split(".tmp-")[0] for p in small_disk.iterdir()] == [".big"]
+    from sample_models.torch_models import train_mlp
+
+    model, example = train_mlp(steps=1)
+    packager.export(model, example, out=small_disk / "tiny", formats=["torchscript"], isolate=False)
+    assert sorted(p.name for p in small_disk.iterdir()) == ["tiny"]

@@ -200,3 +200,61 @@ def test_genuine_artifacts_still_load_with_the_guard(torch_pkg: Path) -> None:
             outputs.append(runner.run({"x": x})["output"])
     for other in outputs[1:]:
         np.testing.assert_allclose(other, outputs[0], rtol=1e-5, atol=1e-6)
+
+
+# --- decompression bombs in golden data (issue 12 item 9) ---------------------------------------
+def _overlapping_npz(member: bytes, copies: int) -> bytes:
+    """A zip whose directory lists ``copies`` entries that all point at one stored member: a
+    ~2 MB file that declares ``copies`` x 1 MiB (what an attacker writes by hand)."""
+    import struct
+    import zlib
+
+    crc, size, name = zlib.crc32(member), len(member), b"a.npy"
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, crc, size, size, len(name), 0) + name + member
+    central = b""
+    for i in range(copies):
+        entry = f"o{i}.npy".encode()
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, crc, size, size, len(entry),
+                               0, 0, 0, 0, 0, 0) + entry
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, copies, copies, len(central), len(local), 0)
+    return local + central + end
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("attack", ["overlap", "duplicate", "forged_header"])
+def test_golden_npz_bombs_are_refused_before_allocating(torch_pkg: Path, tmp_path: Path, attack: str) -> None:
+    pkg = copy_package(torch_pkg, tmp_path / "pkg")
+    target = pkg / "golden/outputs.npz"
+    if attack == "overlap":  # 20,000 entries x 1 MiB from a 2 MB file: 21 GB if materialised
+        target.write_bytes(_overlapping_npz(_npy(np.zeros(1 << 18, np.float32)), 20_000))
+    elif attack == "duplicate":
+        with zipfile.ZipFile(target, "w") as z, pytest.warns(UserWarning, match="Duplicate"):
+            z.writestr("y.npy", _npy(np.zeros(4, np.float32)))
+            z.writestr("y.npy", _npy(np.ones(4, np.float32)))
+    else:  # a header declaring 2**40 floats over 16 bytes of data
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (1 << 40,)})
+        with zipfile.ZipFile(target, "w") as z:
+            z.writestr("y.npy", buf.getvalue() + bytes(16))
+    rehash(pkg)
+    with pytest.raises(InputError, match="zip bomb|more than once|does not match the bytes"):
+        Package(pkg).golden()
+    # The CLI, under a 4 GiB address-space limit: refused with exit 2, never MemoryError/OOM.
+    code = ("import resource,sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); "
+            "from packager.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "verify", str(pkg)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PACKAGER_PARITY_IN_PROCESS": "1"})
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
+    assert "golden/outputs.npz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_batch_input_npz_bomb_is_refused(mlp_onnx_package: Path, tmp_path: Path) -> None:
+    bomb = tmp_path / "x.npz"
+    bomb.write_bytes(_overlapping_npz(_npy(np.zeros((1 << 14, 16), np.float32)), 5_000))
+    proc = run_cli("run", str(mlp_onnx_package), "-i", str(bomb), "-o", str(tmp_path / "y.npz"))
+    assert proc.returncode == ExitCode.USAGE and "zip bomb" in proc.stderr, proc.stderr

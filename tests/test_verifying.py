@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 import packager
-from packager.errors import InputError, UsageError
+from packager.errors import InputError, TrustRequiredError, UsageError
 from tests.conftest import HAS_GPU, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cases(report, fmt: str) -> dict:
@@ -106,7 +108,7 @@ def test_noise_floor_of_a_non_deterministic_eager_reference(session_dir: Path) -
                           input_spec=["x:float32[batch,seq=2..6,4]"], formats=["onnx"], atol=1e-2).path
     strict = packager.verify(pkg)
     assert strict.exit_code == 1  # judged against fixed golden data, the noise fails
-    floored = packager.verify(pkg, reference="eager", source=state)
+    floored = packager.verify(pkg, reference="eager", source=state, builder="tests.fidelity.models:build_noisy")
     assert floored.deterministic is False and 0 < floored.noise_floor["output"] < 1e-3
     assert any("not deterministic" in n for n in floored.notes)
     assert floored.passed, [(r.worst, [c.case for c in r.cases if not c.passed]) for r in floored.rows]
@@ -124,8 +126,13 @@ def test_eager_reference_rebuilds_the_model(session_dir: Path) -> None:
     torch.save(model.state_dict(), state)
     pkg = packager.export(state, example, out=session_dir / "mlp_eager", formats=["onnx"],
                           builder="sample_models.torch_models:build_mlp").path
-    report = packager.verify(pkg, reference="eager")  # source and builder from the manifest
+    # The manifest names a source and a builder: a package may not choose the code that judges
+    # it, so using them needs trust; naming them yourself does not.
+    with pytest.raises(TrustRequiredError, match="--builder"):
+        packager.verify(pkg, reference="eager", source=state)
+    report = packager.verify(pkg, reference="eager", source=state, builder="sample_models.torch_models:build_mlp")
     assert report.passed and report.reference == "eager"
+    assert packager.verify(pkg, reference="eager", trust=True).passed  # source and builder from the manifest
     assert all(c.reference.startswith("eager torch") for c in _cases(report, "onnx").values()
                if c.case != "batch consistency")
     with pytest.raises(InputError):
@@ -247,6 +254,36 @@ def test_cli_eager_reference(session_dir: Path, tmp_path: Path) -> None:
                  "sample_models.torch_models:build_mlp", "--json", "-")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["reference"] == "eager"
+
+
+def test_eager_reference_never_imports_a_builder_the_package_names(session_dir: Path, tmp_path: Path) -> None:
+    """Attack: a package whose manifest names a builder module shipped beside it (every listed
+    checksum still matches). ``verify --reference eager`` used to import it from the manifest."""
+    import torch
+
+    from sample_models.torch_models import train_mlp
+
+    model, example = train_mlp(steps=2)
+    state = tmp_path / "mlp.pt"
+    torch.save(model.state_dict(), state)
+    pkg = packager.export(state, example, out=tmp_path / "pkg", formats=["onnx"],
+                          builder="sample_models.torch_models:build_mlp").path
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil_build.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from sample_models.torch_models import build_mlp as build\n")
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    manifest["source"]["builder"] = "evil_build:build"
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+    env = {"PYTHONPATH": f"{ROOT}:{tmp_path}"}
+    refused = run_cli("verify", str(pkg), "--reference", "eager", cwd=tmp_path, env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert "--builder" in refused.stderr and "--trust" in refused.stderr and "Traceback" not in refused.stderr
+    assert not marker.exists()
+    mine = run_cli("verify", str(pkg), "--reference", "eager", "--source", str(state), "--builder",
+                   "sample_models.torch_models:build_mlp", cwd=tmp_path, env=env)
+    assert mine.returncode == 0, mine.stderr
+    assert not marker.exists()
 
 
 def test_no_framework_imported_for_onnx_packages(mlp_onnx_package: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from packager.verifying import VerifyReport
@@ -24,12 +25,13 @@ def print_report(report: "VerifyReport", console: Console, title: str | None = N
         table.add_column(col, overflow="fold")
     for row in report.rows:
         style = _STYLE.get(row.verdict, "red")
-        verdict = f"[{style}]{row.verdict.upper()}[/]" + (" [yellow](near)[/]" if row.passed and row.near_fail else "")
+        verdict = Text.assemble((row.verdict.upper(), style), (" (near)", "yellow") if row.passed and row.near_fail else "")
         worst = row.worst
         passed = sum(c.passed for c in row.cases)
         cell = row.format if row.runtime == row.format else f"{row.format} ({row.runtime})"
-        table.add_row(f"{cell} {row.device}", verdict,
-                      f"{worst.output} @ {worst.case}" if worst else "load failed" if row.error else "",
+        # Text cells: output names, paths and messages are printed as they are, never as markup.
+        table.add_row(Text(f"{cell} {row.device}"), verdict,
+                      Text(f"{worst.output} @ {worst.case}" if worst else "load failed" if row.error else ""),
                       _g(worst.max_abs if worst else None), _g(worst.min_atol if worst else None),
                       _g(worst.tolerance_use if worst else None),
                       f"{passed}/{len(row.cases)}")
@@ -37,22 +39,26 @@ def print_report(report: "VerifyReport", console: Console, title: str | None = N
     for row in report.rows:
         cell = f"{row.format}/{row.runtime}/{row.device}"
         if row.error:
-            console.print(f"[red]{cell}[/]: {row.error}", highlight=False, soft_wrap=True)
+            console.print(Text.assemble((cell, "red"), f": {row.error}"), highlight=False, soft_wrap=True)
         for problem in row.contract:
-            console.print(f"[magenta]{cell} contract[/]: {problem}", highlight=False, soft_wrap=True)
+            console.print(Text.assemble((f"{cell} contract", "magenta"), f": {problem}"), highlight=False,
+                          soft_wrap=True)
         for check in row.structure:
             if not check.passed:
-                console.print(f"[magenta]{cell} {check.name}[/]: {check.detail}", highlight=False, soft_wrap=True)
+                console.print(Text.assemble((f"{cell} {check.name}", "magenta"), f": {check.detail}"),
+                              highlight=False, soft_wrap=True)
         for case in row.cases:
             if case.passed:
                 continue
             lines = ([case.error] if case.error else []) + case.contract + [
                 f"output {o.name!r}: {o.problem}" for o in case.outputs if not o.passed]
             for line in lines:
-                console.print(f"[{_STYLE.get(case.verdict, 'red')}]{cell} {case.case}[/] ({case.verdict}, "
-                              f"reference: {case.reference}): {line}", highlight=False, soft_wrap=True)
+                console.print(Text.assemble((f"{cell} {case.case}", _STYLE.get(case.verdict, "red")),
+                                            f" ({case.verdict}, reference: {case.reference}): {line}"),
+                              highlight=False, soft_wrap=True)
     for note in report.notes:
-        console.print(f"[yellow]note[/]: {note}", highlight=False, soft_wrap=True)
-    verdict = "[green]PASS[/]" if report.passed else f"[red]FAIL[/] (exit {report.exit_code})"
-    console.print(f"{verdict}: {len(report.rows)} cell(s), cases {', '.join(report.cases)}; live reference: "
-                  f"{report.live_reference or 'none'}; {report.seconds:.2f} s", highlight=False)
+        console.print(Text.assemble(("note", "yellow"), f": {note}"), highlight=False, soft_wrap=True)
+    verdict = ("PASS", "green") if report.passed else ("FAIL", "red")
+    console.print(Text.assemble(verdict, "" if report.passed else f" (exit {report.exit_code})",
+                                f": {len(report.rows)} cell(s), cases {', '.join(report.cases)}; live reference: "
+                                f"{report.live_reference or 'none'}; {report.seconds:.2f} s"), highlight=False)
