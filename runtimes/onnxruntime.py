@@ -42,7 +42,13 @@ class OnnxRuntimeRunner(Runner):
         for key in ("intra_op_num_threads", "inter_op_num_threads"):
             if self.options.get(key):
                 setattr(options, key, int(self.options[key]))
-        options.log_severity_level = 3  # errors only: warnings are noise in batch jobs
+        # ONNX Runtime's own log lines (coloured, on stderr) would break packager's JSON-lines
+        # progress stream. Warnings: the process-wide default logger (model load) at ERROR.
+        # The session's logger goes to FATAL: its ERROR lines ("Non-zero status code returned
+        # while running ...") only repeat the exception, which packager reports (or, with
+        # --on-error skip, turns into rejects) with that same text.
+        ort.set_default_logger_severity(3)
+        options.log_severity_level = 4
         if self.device.is_cuda:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise DeviceError(f"device {self.device}", "needs ONNX Runtime's CUDA execution provider, which this "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -160,6 +161,9 @@ class NpzSource(Source):
         self.names = list(names)
         try:
             with zipfile.ZipFile(path) as zf:
+                from packager.package import check_npz_members
+
+                check_npz_members(zf, path.stat().st_size, str(path))  # zip bombs, forged headers
                 members = {n[:-4] if n.endswith(".npy") else n: n for n in zf.namelist()}
                 missing = [n for n in self.names if n not in members]
                 if missing:
@@ -469,6 +473,20 @@ def _as_dtype(values: np.ndarray, dtype: np.dtype, origin: str) -> np.ndarray:
     return values
 
 
+def _require_regular(path: Path) -> None:
+    """Refuse FIFOs, sockets and devices: reading them blocks forever or never ends (row counts are unknown)."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: a link to a regular file is fine
+    except OSError as exc:
+        raise InputError(str(path), f"cannot be read ({exc.strerror})", fix="pass a readable file") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise InputError(str(path), f"is {kind}, not a regular file", expected="a regular .npy, .npz or .parquet "
+                         "file (its size and row count are read before the run starts)", got=kind,
+                         fix="write the data to a file first (e.g. cat PIPE > data.npz) and pass that file")
+
+
 def open_dataset(path: str | Path, signature: Signature, id_column: str | None = None) -> Dataset:
     """Open a ``.npy``/``.npz``/``.parquet`` file or a folder of such shards.
 
@@ -480,8 +498,11 @@ def open_dataset(path: str | Path, signature: Signature, id_column: str | None =
         raise InputError(str(path), "does not exist", fix="pass an existing .npy, .npz or .parquet file, "
                          "or a folder of them")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SUFFIXES
-                       and not p.name.startswith((".", "_")))
+        candidates = [p for p in path.iterdir() if p.suffix in SUFFIXES and not p.name.startswith((".", "_"))
+                      and not p.is_dir()]
+        for candidate in candidates:
+            _require_regular(candidate)
+        files = sorted(candidates)
         if not files:
             raise InputError(str(path), "holds no dataset shards", expected=f"files ending in {', '.join(SUFFIXES)}",
                              got="none", fix="point --input at a file or a folder of shards")
@@ -490,6 +511,7 @@ def open_dataset(path: str | Path, signature: Signature, id_column: str | None =
             raise InputError(str(path), "mixes shard formats", expected="one of .npy, .npz, .parquet",
                              got=sorted(kinds), fix="keep one format per folder")
     else:
+        _require_regular(path)
         files = [path]
         if path.suffix not in SUFFIXES:
             raise InputError(str(path), "has an unsupported format", expected=", ".join(SUFFIXES),

@@ -131,7 +131,23 @@ class Journal:
             self._rewrite()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.rejects_dir.mkdir(parents=True, exist_ok=True)
+        self.sweep_temp()
         self._fh = open(self.path, "a", encoding="utf-8")
+
+    def sweep_temp(self) -> list[Path]:
+        """Delete half-written temp files (``.part-*.tmp-*``) a killed run left in the parts folder.
+
+        Only called by the holder of the output's lock (:mod:`packager.batch.lock`), so no other
+        writer can be using them. Without this, a folder output would carry them into the final
+        folder when the shard folder is renamed into place.
+        """
+        removed = []
+        for folder in (self.parts, self.data_dir, self.rejects_dir):
+            for entry in folder.iterdir() if folder.is_dir() else ():
+                if entry.name.startswith(".") and ".tmp-" in entry.name and entry.is_file():
+                    entry.unlink(missing_ok=True)
+                    removed.append(entry)
+        return removed
 
     def _rewrite(self) -> None:
         # Rewritten atomically so that a torn line or a dropped shard never stays behind.

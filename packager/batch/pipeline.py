@@ -14,6 +14,10 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import re
+import shutil
+import socket
+import tempfile
 import threading
 import time
 from collections import deque
@@ -25,9 +29,10 @@ from typing import Any, Iterator
 from packager.batch.core import ChunkResult, ChunkRunner, default_batch_size, fixed_batch_size
 from packager.batch.io import Dataset, open_dataset
 from packager.batch.journal import Journal
+from packager.batch.lock import OutputLock
 from packager.batch.progress import Progress
 from packager.batch.sink import OutputSink, check_output, resolve_output
-from packager.errors import PackagerError, UsageError
+from packager.errors import ExitCode, PackagerError, UsageError
 
 ENGINES = ("local", "ray")
 _END = object()
@@ -104,9 +109,10 @@ def run_dataset(package: str | Path, input_path: str | Path, output: str | Path,
     """Apply a package (or bare artifact) to a dataset and write the outputs.
 
     Restarting with the same arguments after a kill resumes from the last journalled shard.
+    One run at a time may write to an output (an exclusive lock on ``.OUT.lock``).
 
     Args:
-        package: Package folder or artifact.
+        package: Package folder, ``.tar.gz`` from ``packager pack``, or artifact.
         input_path: ``.npy``/``.npz``/``.parquet`` file or a folder of shards.
         output: ``.npz``/``.parquet``/``.npy`` file, or a folder (``dir/``) of shards.
         format: Artifact format (default: ONNX if present).
@@ -119,17 +125,55 @@ def run_dataset(package: str | Path, input_path: str | Path, output: str | Path,
     Raises:
         PackagerError: Bad arguments, inputs, or a failing runtime; nothing is left half-written.
     """
+    config = config or RunConfig()
+    state: dict[str, Any] = {"progress": None}
+    try:
+        return _run(package, input_path, output, format, runtime, device, cast, config, verify, state)
+    except BaseException as exc:
+        # The JSON-lines log always ends with one terminal event: done, failed or interrupted.
+        progress = state["progress"]
+        if progress is None and config.progress_log is not None:
+            try:
+                progress = Progress(0, log=config.progress_log)
+            except OSError:
+                progress = None
+        if progress is not None:
+            progress.close(*_final_event(exc))
+        raise
+
+
+def _final_event(exc: BaseException) -> tuple[str, dict[str, Any]]:
+    """The progress event (and its fields) for a run that ended with ``exc``."""
+    if isinstance(exc, PackagerError):
+        return "failed", {"error": exc.message, "error_type": type(exc).__name__, "exit_code": int(exc.exit_code)}
+    if isinstance(exc, Exception):
+        return "failed", {"error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__,
+                          "exit_code": int(ExitCode.INTERNAL)}
+    return "interrupted", {"error_type": type(exc).__name__}  # KeyboardInterrupt (Ctrl-C), SystemExit
+
+
+def _run(package: str | Path, input_path: str | Path, output: str | Path, format: str | None, runtime: str | None,
+         device: str, cast: str, config: RunConfig, verify: bool, state: dict[str, Any]) -> RunSummary:
+    from packager.archive import is_archive
+
+    unpacked: Path | None = None
+    try:
+        if is_archive(package):
+            # A .tar.gz from 'packager pack': unpacked once (bounded, checked) into a temp folder named
+            # with this host and PID, deleted when the run ends; a killed run's copy is swept next time.
+            package, unpacked = unpack_for_run(package)
+        return _run_package(package, input_path, output, format, runtime, device, cast, config, verify, state)
+    finally:
+        if unpacked is not None:
+            shutil.rmtree(unpacked, ignore_errors=True)
+
+
+def _run_package(package: str | Path, input_path: str | Path, output: str | Path, format: str | None,
+                 runtime: str | None, device: str, cast: str, config: RunConfig, verify: bool,
+                 state: dict[str, Any]) -> RunSummary:
     import runtimes
     from runtimes.device import parse_device
 
-    config = config or RunConfig()
-    from packager.archive import is_archive, open_archive
-
-    if is_archive(package):
-        # A .tar.gz from 'packager pack': unpack once (bounded, checked) and run from that folder;
-        # ``unpacked`` lives until this function returns, then the temporary copy is deleted.
-        unpacked = open_archive(package)
-        package = unpacked.root
     if config.engine not in ENGINES:
         raise UsageError("--engine", "is unknown", expected=" or ".join(ENGINES), got=config.engine)
     if config.batch_size is not None and config.batch_size < 1:
@@ -149,6 +193,7 @@ def run_dataset(package: str | Path, input_path: str | Path, output: str | Path,
     threads, options = _parallelism(package, format, runtime, config.threads, config.engine)
     runner = runtimes.load(package, format=format, device=load_device, runtime=runtime, cast=cast, verify=verify,
                            **options)
+    lock: OutputLock | None = None
     try:
         format_used = _artifact_format(package, runner)
         signature = runner.signature
@@ -157,10 +202,17 @@ def run_dataset(package: str | Path, input_path: str | Path, output: str | Path,
                              fix="rename the id column")
         dataset = open_dataset(input_path, signature, config.id_column)
         out = resolve_output(Path(output), config.output_format, dataset.kind, config.on_error, config.rejects)
+        check_paths(Path(input_path), out)
         if out.fmt == "npy" and (len(signature.outputs) != 1 or config.id_column):
             raise UsageError(f"--output {out.path}", "a .npy holds one array, but the run writes several",
                              expected="one output and no --id-column", got=signature.output_names +
                              ([config.id_column] if config.id_column else []), fix="write .npz or .parquet")
+        # From here on this run is the only writer of the output, its journal and its rejects file.
+        lock = OutputLock(out.path, what=f"packager run -i {input_path}").acquire()
+        if lock.previous and lock.previous.get("pid") != os.getpid():
+            prev = lock.previous
+            notes.append(f"took over the lock of a run that is gone (pid {prev.get('pid')} on host "
+                         f"{prev.get('host')})")
         batch_size = config.batch_size or default_batch_size(signature, _model_bytes(package))
         fixed = fixed_batch_size(signature)
         if fixed is not None and batch_size % fixed:
@@ -180,6 +232,9 @@ def run_dataset(package: str | Path, input_path: str | Path, output: str | Path,
             summary.written = sum(e.rows for e in journal.entries)
             summary.rejected = sum(e.rejects for e in journal.entries)
             summary.notes.append("the output was already complete; cleaned up the journal")
+            summary.seconds = time.perf_counter() - started
+            progress = state["progress"] = Progress(dataset.rows, dataset.rows, log=config.progress_log)
+            progress.close("done", written=summary.written, output=str(out.path))
             return summary
         resumable = journal.exists() and journal.matches()
         check_output(out, config.overwrite, resuming=resumable)
@@ -188,7 +243,8 @@ def run_dataset(package: str | Path, input_path: str | Path, output: str | Path,
         summary.resumed_from = start
         sink = OutputSink(out, journal, config.shard_rows, config.id_column)
         chunk_runner = ChunkRunner(runner, config.on_error, config.allow_nan)
-        progress = Progress(dataset.rows, start, bar=config.progress_bar, log=config.progress_log)
+        progress = state["progress"] = Progress(dataset.rows, start, bar=config.progress_bar,
+                                                log=config.progress_log)
         try:
             if config.engine == "ray":
                 from packager.batch.ray_engine import ray_results
@@ -209,10 +265,89 @@ def run_dataset(package: str | Path, input_path: str | Path, output: str | Path,
             summary.written = sum(e.rows for e in journal.entries)
             summary.rejected = sum(e.rejects for e in journal.entries)
             summary.seconds = time.perf_counter() - started
-            progress.close(written=summary.written, output=str(out.path))
+        # Only now is the output in place (renamed) and the journal gone: the run is done.
+        progress.close("done", written=summary.written, output=str(out.path))
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         runner.close()
+
+
+#: Name prefix of the temporary folders archives are unpacked into (then HOST-PID-random).
+UNPACK_PREFIX = "packager-unpacked-"
+
+
+def unpack_for_run(archive: str | Path) -> tuple[Path, Path]:
+    """Unpack a package archive for one run; returns (package root, temp folder to delete afterwards).
+
+    The folder is ``$TMPDIR/packager-unpacked-HOST-PID-XXXXXXXX``, so that the copies of killed
+    runs can be told apart from those of live ones: each start deletes the copies of processes
+    of this host that no longer run (:func:`sweep_unpacked`).
+    """
+    from packager.archive import extract
+
+    sweep_unpacked()
+    folder = Path(tempfile.mkdtemp(prefix=f"{UNPACK_PREFIX}{socket.gethostname()}-{os.getpid()}-"))
+    try:
+        return extract(archive, folder), folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def sweep_unpacked(tmp_dir: str | Path | None = None) -> list[Path]:
+    """Delete unpacked archive copies left in the temp folder by killed runs of this host."""
+    from packager.package import _pid_alive
+
+    host = socket.gethostname()
+    pattern = re.compile(rf"^{re.escape(UNPACK_PREFIX + host)}-(\d+)-[A-Za-z0-9_]{{8}}$")
+    removed = []
+    root = Path(tmp_dir or tempfile.gettempdir())
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_paths(input_path: Path, out: Any) -> None:
+    """Refuse outputs that would overwrite or feed back into the input, and rejects that clash.
+
+    Raises:
+        UsageError: The output is the input, lies inside the input folder, or holds the input;
+            the rejects file is the output, lies inside an output folder, or is (inside) the input.
+    """
+    inp = Path(os.path.realpath(input_path))
+    dst = Path(os.path.realpath(out.path))
+    if _inside(dst, inp) or _inside(inp, dst):
+        what = ("is the input" if dst == inp else "lies inside the input folder" if _inside(dst, inp)
+                else "holds the input")
+        raise UsageError(f"--output {out.path}", f"{what} ({input_path}); writing it would replace or mix "
+                         "with the input's data", fix="write the output outside the input (and the input "
+                         "outside the output)")
+    if out.rejects is not None:
+        rej = Path(os.path.realpath(out.rejects))
+        if rej == dst or (out.is_dir and _inside(rej, dst)):
+            raise UsageError(f"--rejects {out.rejects}", "is the output" if rej == dst else
+                             "lies inside the output folder", fix="choose a rejects file beside the output "
+                             "(the default is OUTPUT.rejects.jsonl)")
+        if _inside(rej, inp):
+            raise UsageError(f"--rejects {out.rejects}", "is the input" if rej == inp else
+                             "lies inside the input folder", fix="choose a rejects file outside the input")
 
 
 def _cpus() -> int:

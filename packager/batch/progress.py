@@ -1,4 +1,9 @@
-"""Progress reporting: a rich bar on a terminal, JSON lines for logs, nothing with ``--quiet``."""
+"""Progress reporting: a rich bar on a terminal, JSON lines for logs, nothing with ``--quiet``.
+
+The JSON-lines log holds ``progress`` records while a run goes on and exactly one last record:
+``done`` once the final output is in place, ``failed`` (with ``error`` and ``exit_code``) or
+``interrupted`` (Ctrl-C; the run resumes when started again with the same arguments).
+"""
 
 from __future__ import annotations
 
@@ -77,12 +82,17 @@ class Progress:
         self._log.write(json.dumps(record) + "\n")
         self._log.flush()
 
-    def close(self, **summary: Any) -> None:
-        """Stop the bar and write the final record."""
+    def close(self, event: str = "done", extra: dict[str, Any] | None = None, **summary: Any) -> None:
+        """Stop the bar and write the final record, once (later calls do nothing).
+
+        Args:
+            event: ``done`` (the output is in place), ``failed`` (with the error) or ``interrupted``.
+            extra: More fields for the record (e.g. ``{"error": ..., "exit_code": ...}``).
+        """
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-        self._emit("done", **summary)
+        self._emit(event, **(extra or {}), **summary)
         if self._own_log and self._log is not None:
             self._log.close()
         self._log = None

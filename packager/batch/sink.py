@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -298,6 +299,9 @@ def _assemble_parquet(tmp: Path, journal: Journal, entries: list[ShardEntry]) ->
 
 def _place_dir(data_dir: Path, target: Path) -> None:
     """Rename the shard folder onto ``target``; an existing target (``--overwrite``) is swapped out."""
+    for entry in data_dir.iterdir():  # temp files of killed shard writes never reach the final folder
+        if entry.name.startswith(".") and ".tmp-" in entry.name and entry.is_file():
+            entry.unlink(missing_ok=True)
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -306,6 +310,11 @@ def _place_dir(data_dir: Path, target: Path) -> None:
     fsync_path(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+#: What a folder output may hold and still be replaced by --overwrite: shards, and the temp files
+#: of shard writes that older versions could leave there after a kill.
+_SHARD_NAME = re.compile(r"^(?:.+\.(?:npz|parquet)|\.part-\d+\.(?:npz|parquet)\.tmp-[A-Za-z0-9_]+)$")
 
 
 def check_output(out: OutputSpec, overwrite: bool, resuming: bool = False) -> None:
@@ -321,8 +330,7 @@ def check_output(out: OutputSpec, overwrite: bool, resuming: bool = False) -> No
         raise ExistsError(str(out.path), "exists and is a " + ("file" if out.is_dir else "folder"),
                           fix="choose another --output")
     if out.path.is_dir() and overwrite and any(out.path.iterdir()):
-        known = {".npz", ".parquet"}
-        if any(p.suffix not in known for p in out.path.iterdir()):
+        if any(not _SHARD_NAME.match(p.name) for p in out.path.iterdir()):
             raise ExistsError(str(out.path), "holds files that are not output shards; refusing to replace it",
                               fix="choose another --output")
     out.path.parent.mkdir(parents=True, exist_ok=True)
