@@ -2,8 +2,9 @@
 
 An archive is a gzip-compressed tar of one package folder (``NAME/manifest.json``,
 ``NAME/onnx/model.onnx``, ...). Packing writes only ``manifest.json`` and the files the
-manifest lists, after checking them, in a reproducible order with fixed metadata, to a
-temporary file that is renamed into place: a kill leaves no archive or the previous one.
+manifest lists (plus, for a signed package, ``model.sig`` and the other files it covers),
+after checking them, in a reproducible order with fixed metadata, to a temporary file that
+is renamed into place: a kill leaves no archive or the previous one.
 
 Unpacking reads the tar as a stream and refuses, before writing the member, absolute
 paths, ``..``, links, device files and FIFOs, and archives whose file count or unpacked
@@ -72,6 +73,9 @@ class PackResult:
 def pack(package: str | Path, out: str | Path, *, overwrite: bool = False) -> PackResult:
     """Write a verified package folder as a reproducible ``.tar.gz``.
 
+    The archive holds ``manifest.json`` and the files it lists; for a signed package (with
+    ``model.sig``) also the signature and every other file it covers.
+
     Args:
         package: Package folder (its integrity is checked first; a damaged package is not packed).
         out: Archive to write (``.tar.gz`` or ``.tgz``).
@@ -82,6 +86,7 @@ def pack(package: str | Path, out: str | Path, *, overwrite: bool = False) -> Pa
         ExistsError: ``out`` exists and ``overwrite`` is false.
     """
     from packager.package import Package, publish_mode, sweep_stale, temp_prefix
+    from packager.signing import is_signed, package_files
 
     out = Path(out)
     if not out.name.lower().endswith((".tar.gz", ".tgz")):
@@ -96,7 +101,12 @@ def pack(package: str | Path, out: str | Path, *, overwrite: bool = False) -> Pa
     else:
         top = Path(package).resolve().name
     top = top if top not in ("", ".", "..") else pkg.manifest.name
-    paths = [MANIFEST_NAME] + sorted({e.path for e in pkg.manifest.all_files()})
+    listed = {e.path for e in pkg.manifest.all_files()}
+    if is_signed(pkg.root):
+        # The signature covers every file of the folder: the archive carries them all, so that it
+        # still verifies once unpacked ('packager verify model.tar.gz --public-key pub.pem').
+        listed |= set(package_files(pkg.root)) - {MANIFEST_NAME}
+    paths = [MANIFEST_NAME] + sorted(listed)
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(out)
     fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(out), dir=out.parent)

@@ -159,11 +159,16 @@ def verify(
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML report."),
     integrity_only: bool = typer.Option(False, "--integrity-only", help="Only check every file's size and "
                                         "SHA-256 (and that no unlisted file is present); run nothing."),
+    public_key: Optional[Path] = typer.Option(None, "--public-key", help="PEM public key: check the package's "
+                                              "signature (model.sig) first; fail (exit 2) if it is missing or does "
+                                              "not match (default: $PACKAGER_PUBLIC_KEY)."),
 ) -> None:
     """Verify every artifact x runtime x device: contract, golden data, shape sweep, batch consistency."""
     _trust_artifacts(trust)
+    _require_signature(public_key)
     if integrity_only:
         _integrity_only(package)
+        _signature_ok(package)
         return
     from packager.verifying import verify as do_verify
 
@@ -198,6 +203,7 @@ def verify(
     if str(as_json) != "-":
         from packager.fidelity.report_text import print_report
 
+        _signature_ok(package)
         print_report(report, out, title=f"verify {package}")
     raise typer.Exit(int(report.exit_code))
 
@@ -234,6 +240,9 @@ def run(
                                           "per CPU up to 4 for thread-safe runtimes, each with its own batch)."),
     trust_graphs: bool = typer.Option(False, "--trust", help="Trust the package: load graphs that run code or "
                                       "touch files (pickled .pt2 objects, file operators, custom-op domains)."),
+    public_key: Optional[Path] = typer.Option(None, "--public-key", help="PEM public key: the package's signature "
+                                              "(model.sig) must verify before it is loaded (default: "
+                                              "$PACKAGER_PUBLIC_KEY)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     progress_log: Optional[str] = typer.Option(None, "--progress-log", help="Write JSON-lines progress to this "
                                                "file ('-': stderr; the default when stderr is not a terminal)."),
@@ -248,6 +257,7 @@ def run(
     if skip_integrity:
         _warn_skip_integrity(package)
     _trust_artifacts(trust_graphs)
+    _require_signature(public_key)
     from packager.batch.pipeline import RunConfig, run_dataset
 
     if engine != "ray" and (address is not None or num_workers is not None):
@@ -374,10 +384,41 @@ def pack(
                       f"({_human(result.path.stat().st_size)})"))
 
 
+@app.command()
+def sign(
+    package: Path = typer.Argument(..., help="Package folder."),
+    key: Path = typer.Option(..., "--key", "-k", help="PEM elliptic-curve private key (P-256, P-384, P-521)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing signature."),
+) -> None:
+    """Sign every file of a package (model.sig); verify/run check it with --public-key or $PACKAGER_PUBLIC_KEY."""
+    from packager.signing import package_files, sign as do_sign
+
+    sig = do_sign(package, key, overwrite=overwrite)
+    out.print(_styled(("signed", "bold"), f" {len(package_files(package)) - 1} files of {package} into {sig}"))
+
+
 def _trust_artifacts(trust: bool) -> None:
     """``--trust`` holds for the whole process and the workers it starts (runtimes/_graphscan.py)."""
     if trust:
         os.environ["PACKAGER_TRUST"] = "1"
+
+
+def _require_signature(public_key: Optional[Path]) -> None:
+    """``--public-key`` holds for the whole process and its workers: every package load checks the
+    signature first (packager.signing, PACKAGER_PUBLIC_KEY)."""
+    if public_key is not None:
+        from packager.signing import PUBLIC_KEY_ENV
+
+        os.environ[PUBLIC_KEY_ENV] = str(public_key.absolute())
+
+
+def _signature_ok(package: Path) -> None:
+    """Say that the signature was checked (the load would have failed otherwise)."""
+    from packager.signing import resolve_public_key
+
+    key = resolve_public_key()
+    if key is not None:
+        out.print(_styled(("signature OK", "green"), f" {package}: every file as signed, public key {key}"))
 
 
 def _integrity_only(package: Path) -> None:

@@ -105,6 +105,10 @@ class IntegrityError(InputError):
     """A package file is missing, unlisted or its SHA-256 differs from the manifest."""
 
 
+class SignatureVerificationError(IntegrityError):
+    """A package's signature (``model.sig``) is missing, made with another key, or no longer matches its files."""
+
+
 class SourceError(InputError):
     """A training-time save cannot be loaded as a model."""
 

@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Collection, Iterator
+from typing import Collection, Iterator, Literal
 
 import numpy as np
 
@@ -386,9 +386,13 @@ class Package:
             every safety check, into a temporary folder that lives as long as this object).
         verify: Check every listed file's size and SHA-256, and that no unlisted file sits
             beside them, before anything reads them.
+        public_key: PEM public key: check the package's signature (``model.sig``, see
+            :mod:`packager.signing`) first, even before the manifest is read and whatever
+            ``verify`` says. Default: ``$PACKAGER_PUBLIC_KEY`` if set; ``False``: no check.
     """
 
-    def __init__(self, root: str | Path, *, verify: bool = True) -> None:
+    def __init__(self, root: str | Path, *, verify: bool = True,
+                 public_key: str | os.PathLike[str] | Literal[False] | None = None) -> None:
         from packager.archive import is_archive, open_archive
 
         #: What the user passed (folder or archive); ``root`` is where the files are.
@@ -404,6 +408,12 @@ class Package:
                              expected="a folder with manifest.json, or a .tar.gz from 'packager pack'",
                              got="missing" if not self.root.exists() else "a file",
                              fix="pass the folder written by 'packager export' or the archive from 'packager pack'")
+        from packager.signing import resolve_public_key, verify_signature
+
+        #: The public key the signature was checked with (None: not checked).
+        self.public_key = resolve_public_key(public_key)
+        if self.public_key is not None:
+            verify_signature(self.root, self.public_key)
         self.manifest: Manifest = load_manifest(self.root)
         self._bytes: dict[str, bytearray] = {}
         if verify:
@@ -502,7 +512,8 @@ class Package:
                                  fix="copy the whole package again, or re-export it")
 
     def _check_unlisted(self, listed: set[str]) -> None:
-        # Folders holding listed files, by their first path component ("onnx", "golden").
+        # Folders holding listed files, by their first path component ("onnx", "golden"). Files at
+        # the top level (a README, the signature model.sig) are not read by runtimes and are allowed.
         tops = {p.split("/", 1)[0] for p in listed if "/" in p}
         for top in sorted(tops):
             base = self.root / top

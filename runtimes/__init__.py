@@ -7,10 +7,11 @@ when one is loaded, so importing this package costs no framework import.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from packager.errors import DependencyError, InputError, UsageError
+from packager.errors import DependencyError, InputError, SignatureVerificationError, UsageError
 from packager.signature import Signature
 from runtimes.base import Runner, manifest_options
 from runtimes.device import Device, parse_device
@@ -83,7 +84,7 @@ def detect_format(path: str | Path) -> str:
 
 def load(path: str | Path, format: str | None = None, device: str | Device = "cpu", *, runtime: str | None = None,
          cast: str = "strict", verify: bool = True, signature: Signature | None = None, trust: bool | None = None,
-         **options: Any) -> Runner:
+         public_key: str | os.PathLike[str] | Literal[False] | None = None, **options: Any) -> Runner:
     """Load a package (picking an artifact) or a bare artifact, and return its runner.
 
     Args:
@@ -98,13 +99,16 @@ def load(path: str | Path, format: str | None = None, device: str | Device = "cp
         signature: Signature for a bare artifact (packages carry their own).
         trust: Load graphs that run code or touch files (``.pt2`` pickles, ``aten::from_file``,
             ``ReadFile``, custom-op domains...); default: refused (``PACKAGER_TRUST=1``: trusted).
+        public_key: PEM public key: the package's signature (``model.sig``) must verify with it,
+            checked before anything else (also with ``verify=False``); a bare artifact is then
+            refused. Default: ``$PACKAGER_PUBLIC_KEY`` if set, else no check; ``False``: no check.
         **options: Runtime-specific options.
     """
     from packager.package import Package, is_package
 
     path = Path(path)
     if is_package(path):
-        package = Package(path, verify=verify)
+        package = Package(path, verify=verify, public_key=public_key)
         manifest = package.manifest
         if format is None:
             available = [f for f in FORMAT_PREFERENCE if f in manifest.formats] or manifest.formats
@@ -134,6 +138,15 @@ def load(path: str | Path, format: str | None = None, device: str | Device = "cp
         return runner
     if not path.exists():
         raise InputError(str(path), "does not exist", fix="check the path")
+    from packager.signing import PUBLIC_KEY_ENV, resolve_public_key
+
+    key = resolve_public_key(public_key)
+    if key is not None:
+        raise SignatureVerificationError(str(path), "is a bare artifact, which carries no signature, but a signed "
+                                         f"package is required (public key {str(key)!r})",
+                                         expected="a signed package folder or archive", got="a bare artifact",
+                                         fix=f"load the signed package instead; unset {PUBLIC_KEY_ENV} / drop "
+                                             "public_key only for artifacts you trust")
     format = format or detect_format(path)
     if format not in FORMAT_RUNTIMES:
         raise UsageError(f"format {format!r}", "is unknown", expected=", ".join(FORMAT_RUNTIMES), got=format)
