@@ -30,6 +30,10 @@ from packager.errors import InputError, PackagerError, UsageError
 RECORD_VERSION = 1
 
 
+#: p90/p50 above which a row's runs are said to vary too much to trust.
+UNSTABLE_SPREAD = 1.5
+
+
 @dataclass
 class BenchRow:
     """Figures of one artifact x runtime x device x batch size."""
@@ -42,8 +46,16 @@ class BenchRow:
     p50_ms: float | None = None
     p90_ms: float | None = None
     p99_ms: float | None = None
+    #: Rows per second at the median latency (the statistic the table shows).
     rows_per_s: float | None = None
+    #: p90 / p50: how much the runs varied.
+    spread: float | None = None
     error: str | None = None
+
+    @property
+    def unstable(self) -> bool:
+        """Runs varied too much for the figures to be trusted (p90 over 1.5x p50)."""
+        return self.spread is not None and self.spread > UNSTABLE_SPREAD
 
 
 @dataclass
@@ -59,7 +71,7 @@ class BenchReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"package": self.package, "manifest_sha256": self.manifest_sha256, "host": self.host,
-                "rows": [asdict(r) for r in self.rows], "fastest": self.fastest, "record_path": self.record_path}
+                "rows": [{**asdict(r), "unstable": r.unstable} for r in self.rows], "fastest": self.fastest, "record_path": self.record_path}
 
 
 def cache_dir() -> Path:
@@ -146,7 +158,7 @@ def bench(package: str | Path, *, formats: Sequence[str] | None = None, runtimes
                 continue
             for device in devices:
                 try:
-                    runner = rt.load(package, format=art.format, runtime=runtime, device=device, verify=False)
+                    runner = rt.select_artifact(pkg, art, runtime).open(device)
                 except PackagerError as exc:
                     for size in sizes:
                         report.rows.append(BenchRow(art.format, runtime, device, size, error=exc.message))
@@ -164,7 +176,9 @@ def bench(package: str | Path, *, formats: Sequence[str] | None = None, runtimes
                             row.iterations = len(times)
                             row.p50_ms, row.p90_ms, row.p99_ms = (round(float(np.percentile(ms, q)), 4)
                                                                   for q in (50, 90, 99))
-                            row.rows_per_s = round(size * len(times) / float(np.sum(times)), 1)
+                            # From the median, like p50: a mean would let a few stalls move it.
+                            row.rows_per_s = round(size / (float(np.median(times)) or 1e-12), 1)
+                            row.spread = round(row.p90_ms / row.p50_ms, 3) if row.p50_ms else None
                         report.rows.append(row)
     if runtimes and not report.rows:
         raise UsageError("--runtime", "matches no runtime of the chosen artifacts",

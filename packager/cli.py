@@ -15,10 +15,10 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
-from packager.errors import ExitCode, PackagerError, UsageError
+from packager.errors import ExitCode, PackagerError, UsageError, from_os_error
+from packager.tables import print_table
 
 app = typer.Typer(name="packager", help="Export trained models to verified deployment packages, verify them, "
                   "and run batch inference.", no_args_is_help=True, add_completion=False,
@@ -32,8 +32,19 @@ err = Console(stderr=True, markup=False, highlight=False)
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from packager import __version__
+
+        out.print(f"packager {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and converter logs.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and converter logs (accepted before "
+                                     "or after the command)."),
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the packager version and exit.")) -> None:
     _state["debug"] = debug
     _print_packager_warnings()
 
@@ -85,7 +96,7 @@ def _tolerances(values: Optional[list[str]], flag: str) -> float | dict[str, flo
 def export(
     source: str = typer.Argument(..., help="Model save: state_dict/checkpoint/full model (.pt/.pth), .pt2, "
                                  ".keras/.h5/SavedModel, .pdparams/.pdmodel/.json, ..."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Package folder to create."),
+    out_dir: Path = typer.Option(..., "--out", "-o", "--output", help="Package folder to create."),
     formats: Optional[list[str]] = typer.Option(None, "--formats", "-f", help="Comma-separated formats "
                                                 "(default: all of the framework's)."),
     builder: Optional[str] = typer.Option(None, help="module:function (or file.py:function) returning the architecture."),
@@ -103,8 +114,10 @@ def export(
     opset: Optional[int] = typer.Option(None, help="ONNX opset."),
     atol: Optional[list[str]] = typer.Option(None, help="Absolute tolerance, or OUTPUT:TOL; repeatable."),
     rtol: Optional[list[str]] = typer.Option(None, help="Relative tolerance, or OUTPUT:TOL; repeatable."),
-    torchscript_mode: str = typer.Option("trace", help="trace or script."),
-    option: Optional[list[str]] = typer.Option(None, "--option", help="Exporter option KEY=VALUE; repeatable."),
+    torchscript_mode: Optional[str] = typer.Option(None, help="trace or script (torch models; default trace)."),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="Exporter option KEY=VALUE, parsed by its "
+                                               "type (torchscript_freeze=true, paddle2onnx_timeout=600, "
+                                               "monitor=val_loss, ...); repeatable."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing package."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Write the package even if parity fails."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -112,12 +125,15 @@ def export(
     """Export SOURCE to every requested format, check parity, and write one package."""
     from packager.exporting import export as do_export
 
-    options: dict[str, Any] = {"torchscript_mode": torchscript_mode}
+    # Values stay strings here: the exporter's declared Options parse them by type
+    # (packager.exporters.parse_exporter_options), for the CLI and the API alike.
+    options: dict[str, Any] = {} if torchscript_mode is None else {"torchscript_mode": torchscript_mode}
     for item in option or []:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--option {item!r}", "is not KEY=VALUE", got=item)
-        options[key] = value
+        if not sep or not key.strip():
+            raise UsageError(f"--option {item!r}", "is not KEY=VALUE", expected="e.g. torchscript_freeze=true",
+                             got=item)
+        options[key.strip()] = value
     result = do_export(source, str(example_inputs) if example_inputs else None, out=out_dir,
                        formats=_split(formats) or None, input_spec=input_spec, name=name, framework=framework,
                        builder=builder, state_key=state_key, signature_key=signature, trust=trust,
@@ -213,7 +229,7 @@ def run(
     package: Path = typer.Argument(..., help="Package folder or artifact."),
     input_path: Path = typer.Option(..., "--input", "-i", help=".npy (single input), .npz (keys = input names), "
                                     ".parquet (one column per input) or a folder of such shards."),
-    output_path: Path = typer.Option(..., "--output", "-o", help="out.npz, out.parquet, out.npy or a folder "
+    output_path: Path = typer.Option(..., "--output", "-o", "--out", help="out.npz, out.parquet, out.npy or a folder "
                                      "(dir/) of shards."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per runtime call (default: from the signature "
                                              "and model size)."),
@@ -326,17 +342,21 @@ def bench(
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
         return
-    table = Table(title=f"bench {package}")
-    for col in ("format", "runtime", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "rows/s"):
-        table.add_column(col, justify="right" if col not in ("format", "runtime", "device") else "left")
+    rows = []
     for row in report.rows:
         if row.error:
-            table.add_row(row.format, row.runtime, row.device, str(row.batch_size), Text("error", "red"),
-                          row.error[:60], "", "")
+            rows.append([row.format, row.runtime, row.device, str(row.batch_size), Text("error", "red"),
+                         row.error[:60], "", ""])
             continue
-        table.add_row(row.format, row.runtime, row.device, str(row.batch_size), f"{row.p50_ms:.3f}",
-                      f"{row.p90_ms:.3f}", f"{row.p99_ms:.3f}", f"{row.rows_per_s:,.0f}")
-    out.print(table)
+        rows.append([row.format, row.runtime, row.device, str(row.batch_size), f"{row.p50_ms:.3f}",
+                     f"{row.p90_ms:.3f}", f"{row.p99_ms:.3f}", f"{row.rows_per_s:,.0f}"])
+    print_table(out, f"bench {package}", ("format", "runtime", "device", "batch", "p50 ms", "p90 ms", "p99 ms",
+                                          "rows/s"), rows, right=("batch", "p50 ms", "p90 ms", "p99 ms", "rows/s"))
+    for row in report.rows:
+        if row.unstable:
+            err.print(f"warning: {row.format} ({row.runtime}) {row.device} batch {row.batch_size}: runs varied too "
+                      f"much to trust (p90 is {row.spread:.2f}x p50); stop other heavy programs or raise --min-time",
+                      highlight=False)
     for dev, best in report.fastest.items():
         out.print(f"fastest on {dev}: {best['runtime']} ({best['format']}) at batch {best['batch_size']}, "
                   f"{best['rows_per_s']:,.0f} rows/s", highlight=False)
@@ -359,13 +379,10 @@ def inspect(
     out.print(_styled((manifest.name, "bold"), f" from {manifest.source.framework} {manifest.source.framework_version} "
                       f"({manifest.source.kind}), schema v{manifest.schema_version}, packager "
                       f"{manifest.packager_version}"))
-    sig = Table(title="signature")
-    for col in ("kind", "name", "dtype", "shape"):
-        sig.add_column(col)
-    for kind, specs in (("input", manifest.signature.inputs), ("output", manifest.signature.outputs)):
-        for spec in specs:
-            sig.add_row(kind, spec.name, spec.dtype, spec.shape_str())
-    out.print(sig)
+    print_table(out, "signature", ("kind", "name", "dtype", "shape"),
+                [[kind, spec.name, spec.dtype, spec.shape_str()]
+                 for kind, specs in (("input", manifest.signature.inputs), ("output", manifest.signature.outputs))
+                 for spec in specs])
     _print_artifacts(manifest)
     out.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
 
@@ -373,7 +390,7 @@ def inspect(
 @app.command()
 def pack(
     package: Path = typer.Argument(..., help="Package folder."),
-    out_file: Path = typer.Option(..., "--out", "-o", help="Archive to write (NAME.tar.gz)."),
+    out_file: Path = typer.Option(..., "--out", "-o", "--output", help="Archive to write (NAME.tar.gz)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing archive."),
 ) -> None:
     """Check a package's integrity and write it as one reproducible .tar.gz (every command accepts it)."""
@@ -444,16 +461,15 @@ def _warn_skip_integrity(package: Path) -> None:
 
 
 def _print_artifacts(manifest: Any) -> None:
-    table = Table(title="artifacts")
-    for col in ("format", "path", "size", "runtimes", "parity", "max abs"):
-        table.add_column(col)
+    rows = []
     for art in manifest.artifacts:
         size = sum(f.size for f in art.files)
         worst = max((o.max_abs or 0.0 for p in art.parity for o in p.outputs), default=None)
         verdict = Text("-") if not art.parity else (Text("PASS", "green") if art.passed else Text("FAIL", "red"))
-        table.add_row(art.format, art.path, _human(size), ", ".join(art.runtimes), verdict,
-                      f"{worst:.3g}" if worst is not None else "-")
-    out.print(table)
+        rows.append([art.format, art.path, _human(size), ", ".join(art.runtimes), verdict,
+                     f"{worst:.3g}" if worst is not None else "-"])
+    print_table(out, "artifacts", ("format", "path", "size", "runtimes", "parity", "max abs"), rows,
+                right=("size", "max abs"))
 
 
 def _human(size: float) -> str:
@@ -481,7 +497,8 @@ def schema(
 
 @app.command()
 def demo(
-    out_dir: Path = typer.Option(Path("demo-packages"), "--out", "-o", help="Where the sample packages go."),
+    out_dir: Path = typer.Option(Path("demo-packages"), "--out", "-o", "--output",
+                                 help="Where the sample packages go."),
     only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these samples (comma-separated)."),
 ) -> None:
     """Train the bundled sample models, export, verify and batch-run each one (the main job)."""
@@ -496,8 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     # paddle2onnx's constant folding goes through Polygraphy, which would pip-install
     # onnx-graphsurgeon at run time; it is a declared dependency instead.
     os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    argv, debug = _hoist_debug(sys.argv[1:] if argv is None else list(argv))
     command = typer.main.get_command(app)
     try:
         # Standalone mode: typer/click print their own usage errors (exit 2) and turn
@@ -507,21 +523,38 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else int(ExitCode.USAGE))
     except PackagerError as exc:
-        if debug:
-            err.print_exception()
-            if exc.details:
-                err.print(exc.details)
-        err.print(_styled(("error", "bold red"), f" {exc.message}"), soft_wrap=True)
-        return int(exc.exit_code)
+        return _report(exc, debug)
     except KeyboardInterrupt:
         err.print("interrupted; nothing was left half-written")
         return 130
     except Exception as exc:  # a bug in packager: say so, keep the trace behind --debug
+        mapped = from_os_error(exc) if isinstance(exc, OSError) else None
+        if mapped is not None:  # a read-only folder or a full disk is the user's to fix, not a bug
+            return _report(mapped, debug)
         if debug:
             err.print_exception()
         err.print(_styled(("internal error", "bold red"), f" {type(exc).__name__}: {exc}. Re-run with --debug and "
                           "report it."))
         return int(ExitCode.INTERNAL)
+
+
+def _hoist_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` anywhere before a ``--`` (``packager verify PKG --debug``) moves to the front,
+    where the top-level option is parsed: subcommands do not declare it themselves."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return argv, False
+    rest = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    return ["--debug", *rest], True
+
+
+def _report(exc: PackagerError, debug: bool) -> int:
+    if debug:
+        err.print_exception()
+        if exc.details:
+            err.print(exc.details)
+    err.print(_styled(("error", "bold red"), f" {exc.message}"), soft_wrap=True)
+    return int(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ that message (no traceback unless ``--debug``) and exits with :attr:`PackagerErr
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
 from typing import Any
 
@@ -157,15 +158,17 @@ class FidelityError(PackagerError):
     exit_code = ExitCode.FIDELITY
 
 
-def require(module: str, *, extra: str, purpose: str) -> Any:
+def require(module: str, *, purpose: str) -> Any:
     """Import an optional dependency, or raise a :class:`DependencyError` with the fix.
 
     Args:
-        module: Module to import (``"onnxruntime"``).
-        extra: The pip extra that installs it (``"onnx"``).
+        module: Module to import (``"onnxruntime"``); the pip extra that installs it is
+            looked up in :data:`packager.registry.MODULE_EXTRAS`.
         purpose: What it is needed for, for the message.
     """
     import importlib
+
+    from packager.registry import install_fix
 
     try:
         return importlib.import_module(module)
@@ -173,5 +176,28 @@ def require(module: str, *, extra: str, purpose: str) -> Any:
         raise DependencyError(
             f"module {module!r}",
             f"is needed to {purpose} but cannot be imported ({exc})",
-            fix=f"pip install 'packager[{extra}]'",
+            fix=install_fix(module),
         ) from exc
+
+
+#: errno -> what the user can do, for OS errors that are the user's environment, not a bug.
+_OS_FIXES = {
+    errno.EROFS: "choose a location on a writable file system (-o/--output)",
+    errno.EACCES: "choose a location you may write to (-o/--output), or fix its permissions",
+    errno.EPERM: "choose a location you may write to (-o/--output), or fix its permissions",
+    errno.ENOSPC: "free disk space, or choose a location on another disk (-o/--output)",
+    errno.EDQUOT: "free space within your quota, or choose another location (-o/--output)",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ENOTDIR: "a parent of that path is a file: choose another path",
+    errno.EMFILE: "raise the open-file limit (ulimit -n)",
+}
+
+
+def from_os_error(exc: OSError) -> PackagerError | None:
+    """The user-facing error for an OS error the environment caused (read-only folder, full
+    disk, permissions), or None when it is not one of those (then it is a bug to report)."""
+    fix = _OS_FIXES.get(exc.errno or -1)
+    if fix is None:
+        return None
+    where = exc.filename if exc.filename is not None else "a file packager writes"
+    return UsageError(f"path {str(where)!r}", f"cannot be used: {exc.strerror or exc}", fix=fix)

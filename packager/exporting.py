@@ -14,18 +14,15 @@ from packager import __version__
 from packager.errors import (ExportError, FidelityError, InputError, PackagerError, RuntimeLoadError,
                              SignatureError, UsageError)
 from packager.exporters import (ArtifactSpec, ExportContext, LoadedModel, SourceOptions, bind_by_name,
-                                detect_framework, exporter)
+                                detect_framework, exporter, parse_exporter_options)
 from packager.fidelity.judge import Judge, as_parity, conversion_kind
 from packager.manifest import Artifact, Golden, Manifest, OutputNoise, Parity, Source
 from packager.package import GOLDEN_INPUTS, GOLDEN_OUTPUTS, PackageWriter, check_destination, load_npz
 from packager.signature import BATCH, Signature, TensorSpec, infer_output_specs, parse_input_specs, spec_from_array
-from runtimes import FORMAT_RUNTIMES
+from packager.registry import FORMAT_RUNTIMES, distribution_of
 
 log = logging.getLogger("packager")
 
-#: distribution name per runtime, for the manifest's versions (read without importing).
-RUNTIME_DISTS = {"onnxruntime": "onnxruntime", "torchscript": "torch", "torch_export": "torch",
-                 "tensorflow": "tensorflow", "paddle_inference": "paddlepaddle", "paddle_jit": "paddlepaddle"}
 
 
 @dataclass
@@ -164,6 +161,24 @@ def second_inputs(signature: Signature, example: dict[str, np.ndarray], seed: in
     return signature.example_inputs(seed=seed + 1, sizes=sizes_b), sizes_a, sizes_b
 
 
+def _first_eager_run(fw: Any, loaded: LoadedModel, example: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The model on the example inputs. The inputs are the user's (dtypes, shapes, a missing
+    argument): a model that rejects them is a usage error with the model's own words (exit 2),
+    not a packager bug (exit 70)."""
+    try:
+        return fw.run_eager(loaded, example)
+    except PackagerError:
+        raise
+    except Exception as exc:  # whatever the framework raises on bad inputs
+        shown = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in example.items())
+        text = " ".join(str(exc).split())
+        raise InputError(f"the model called on the example inputs ({shown or 'none'})",
+                         f"raised {type(exc).__name__}: {text[:400]}",
+                         fix="make the example inputs (or --input-spec) match what the model takes: dtype "
+                             "(float32, not float64), shape, and every forward() argument without a default") \
+            from None
+
+
 def export(
     source: Any,
     example_inputs: Any = None,
@@ -211,7 +226,8 @@ def export(
         output_names: Names for the model's outputs (default: the model's own, else output_0...).
         opset: ONNX opset.
         seed: Seed for generated inputs.
-        options: Format options, e.g. ``{"torchscript_mode": "script"}``.
+        options: Exporter options, e.g. ``{"torchscript_mode": "script"}``; each framework
+            exporter's ``Options`` declares them with their types (strings parse: ``"false"``).
         isolate: Judge parity in a fresh process that has not imported the model's code, as a
             deployment host loads the package (default; ``PACKAGER_PARITY_IN_PROCESS=1`` or
             ``False``: in this process, faster, but blind to artifacts that need the model's code).
@@ -221,6 +237,7 @@ def export(
         RuntimeLoadError: An artifact does not load or run in a fresh process (nothing written).
         ExportError: A format could not be produced (nothing written).
         InputError: Too little free space at ``out`` (checked first), or the disk filled up.
+        UsageError: An unknown exporter option, or a value that does not parse as its type.
     """
     out = check_destination(out, overwrite)
     framework = framework or detect_framework(source)
@@ -234,10 +251,12 @@ def export(
                          expected=", ".join(fw.FORMATS), got=", ".join(formats))
     if len(set(formats)) != len(formats):
         raise UsageError("--formats", "lists a format twice", got=", ".join(formats))
+    # Checked once, by the exporter's declared types: "false" is False, a typo is an error.
+    exporter_options = parse_exporter_options(framework, fw.Options, options).model_dump()
 
     loaded: LoadedModel = fw.load_source(source, SourceOptions(builder=builder, state_key=state_key, trust=trust,
                                                                 signature_key=signature_key,
-                                                                extra=dict(options or {})))
+                                                                extra=dict(exporter_options)))
     declared = parse_input_specs(input_spec)
     example = normalise_inputs(example_inputs, declared.input_names if declared else loaded.input_names)
     signature, example = build_input_signature(loaded, example, declared, seed)
@@ -246,7 +265,7 @@ def export(
     signature = signature.model_copy(update={"inputs": [specs[n] for n in example]})
     example, notes = widen_batch(signature, example)
 
-    reference = fw.run_eager(loaded, example)
+    reference = _first_eager_run(fw, loaded, example)
     names = output_names or loaded.output_names or (
         [f"output_{i}" for i in range(len(reference))] if len(reference) > 1 else ["output"])
     if len(names) != len(reference):
@@ -263,7 +282,7 @@ def export(
     ref = dict(zip(names, reference))
     noise = _reference_noise(framework, fw, loaded, signature, example, ref, Judge(atol, rtol), notes)
 
-    ctx = ExportContext(signature=signature, example_inputs=example, opset=opset, options=dict(options or {}),
+    ctx = ExportContext(signature=signature, example_inputs=example, opset=opset, options=dict(exporter_options),
                         log=notes, judge=Judge(atol, rtol, noise))
     # Parity also runs at the second sizes: an artifact whose batch (or seq) axis was baked
     # to the export size passes on the golden inputs but fails here.
@@ -306,7 +325,7 @@ def _export_format(fw: Any, fmt: str, loaded: LoadedModel, ctx: ExportContext, w
                           details="\n".join(ctx.log)) from exc
     runtimes = tuple(spec.runtimes or FORMAT_RUNTIMES[fmt])
     for rt in runtimes:
-        versions[rt] = dist_version(RUNTIME_DISTS.get(rt, rt))
+        versions[rt] = dist_version(distribution_of(rt))
     return Artifact(format=fmt, path=spec.path, files=writer.files(fmt), runtimes=list(runtimes),
                     options=spec.options)
 
@@ -432,8 +451,8 @@ def check_parity(path: Path, artifact: Artifact, signature: Signature, inputs: d
     per_output: dict[str, Any] = {}
     degenerate: list[str] = []
     try:
-        with runner_class(runtime)(path, signature=signature, device=device,
-                                   **manifest_options(artifact.options.get("runner", {}))) as runner:
+        cls = runner_class(runtime)
+        with cls(path, signature=signature, device=device, **manifest_options(artifact, cls)) as runner:
             for case, (feeds, want) in enumerate([(inputs, reference), *extra_cases]):
                 try:
                     got = runner.run(feeds)

@@ -219,4 +219,11 @@ def load_manifest(package_dir: str | Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(str(path), f"is not valid JSON ({exc})", fix="re-export the package") from None
-    return parse_manifest(data, origin=str(path))
+    except RecursionError:  # "[[[[..." : a manifest packager wrote nests a few levels deep
+        raise ManifestError(str(path), "is nested too deeply to be a manifest",
+                            fix="re-export the package; a manifest from an untrusted source may be an attack") from None
+    try:
+        return parse_manifest(data, origin=str(path))
+    except RecursionError:
+        raise ManifestError(str(path), "is nested too deeply to be a manifest",
+                            fix="re-export the package; a manifest from an untrusted source may be an attack") from None

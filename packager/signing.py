@@ -41,7 +41,7 @@ _FIX_TAMPERED = ("do not use this package; get it again from its publisher, or s
 
 
 def _model_signing() -> Any:
-    return require("model_signing", extra="sign", purpose="sign packages and verify their signatures")
+    return require("model_signing", purpose="sign packages and verify their signatures")
 
 
 def resolve_public_key(public_key: KeyArg = None) -> Path | None:

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field
 
+from packager import registry
 from packager.errors import ContractError, ExitCode, InputError, PackagerError, TrustRequiredError, UsageError
 from packager.fidelity.contract import check_outputs, native_contract, onnx_contract
 from packager.fidelity.judge import Judge, conversion_kind, judge_for
@@ -39,8 +40,7 @@ from packager.signature import Signature
 
 REPORT_VERSION = 1
 #: Which artifact serves as the live reference, closest to eager first; ONNX only as a last resort.
-REFERENCE_PREFERENCE = ("torchscript", "torch_export", "saved_model", "paddle_inference", "paddle_static",
-                        "paddle_legacy", "onnx")
+REFERENCE_PREFERENCE = registry.REFERENCE_PREFERENCE
 #: verdict -> exit code; the report's code is the worst over its cells (runtime > contract > numeric).
 VERDICT_CODES = {"pass": ExitCode.OK, "numeric": ExitCode.FIDELITY, "contract": ExitCode.CONTRACT,
                  "runtime": ExitCode.RUNTIME}
@@ -406,8 +406,7 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
     Raises:
         UsageError, InputError: Bad options, a missing source, unreadable inputs (exit 2).
     """
-    from runtimes import parse_device, runner_class
-    from runtimes.base import manifest_options
+    from runtimes import parse_device, select_artifact
 
     start = time.perf_counter()
     # The ONNX graphs and golden data are parsed from the very bytes that were hashed.
@@ -491,8 +490,7 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
                     cell_start = time.perf_counter()
                     runner = None
                     try:
-                        runner = runner_class(runtime)(package.resolve(art.path), signature=signature, device=device,
-                                                       **manifest_options(art.options.get("runner", {})))
+                        runner = select_artifact(package, art, runtime, signature=signature).open(device)
                         row.notes += list(runner.notes)
                         if art.format != "onnx":  # ONNX graphs were checked in detail above
                             row.contract = row.contract + _native_problems(runner, signature)

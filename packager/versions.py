@@ -15,13 +15,8 @@ import warnings
 from dataclasses import dataclass
 
 from packager.manifest import Manifest
+from packager.registry import distribution_of
 
-#: distribution that provides each framework/runtime key of ``manifest.versions``.
-DISTRIBUTIONS = {
-    "torch": "torch", "torchscript": "torch", "torch_export": "torch", "onnxruntime": "onnxruntime",
-    "tensorflow": "tensorflow", "paddle": "paddlepaddle", "paddle_inference": "paddlepaddle",
-    "paddle_jit": "paddlepaddle", "onnx": "onnx",
-}
 
 
 class VersionDriftWarning(UserWarning):
@@ -43,7 +38,7 @@ class Drift:
 
 def installed_version(key: str) -> str | None:
     """Installed version of a framework/runtime key (GPU builds included), or None if absent."""
-    dist = DISTRIBUTIONS.get(key, key)
+    dist = distribution_of(key)
     for name in (dist, f"{dist}-gpu", f"{dist}_gpu"):
         try:
             return importlib.metadata.version(name)

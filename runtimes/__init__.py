@@ -11,41 +11,18 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from packager.errors import DependencyError, InputError, SignatureVerificationError, UsageError
+from packager.errors import DependencyError, InputError, UsageError
+from packager.registry import FORMAT_PREFERENCE, FORMAT_RUNTIMES, RUNTIMES, SUFFIX_FORMATS, install_fix
 from packager.signature import Signature
-from runtimes.base import Runner, manifest_options
+from runtimes.base import Runner
 from runtimes.device import Device, parse_device
+from runtimes.selection import Selection, select, select_artifact
 
-__all__ = ["Runner", "Device", "load", "parse_device", "RUNNERS", "FORMAT_RUNTIMES", "runner_class", "detect_format"]
+__all__ = ["Runner", "Device", "Selection", "load", "select", "select_artifact", "parse_device", "RUNNERS",
+           "FORMAT_RUNTIMES", "FORMAT_PREFERENCE", "runner_class", "detect_format"]
 
-#: runtime name -> "module:Class" (imported lazily).
-RUNNERS: dict[str, str] = {
-    "onnxruntime": "runtimes.onnxruntime:OnnxRuntimeRunner",
-    "torchscript": "runtimes.torchscript:TorchScriptRunner",
-    "torch_export": "runtimes.torch_export:TorchExportRunner",
-    "tensorflow": "runtimes.tensorflow:TensorFlowRunner",
-    "paddle_inference": "runtimes.paddle_inference:PaddleInferenceRunner",
-    "paddle_jit": "runtimes.paddle_jit:PaddleJitRunner",
-}
-
-#: format -> runtimes that load it, preferred first.
-FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
-    "onnx": ("onnxruntime",),
-    "torchscript": ("torchscript",),
-    "torch_export": ("torch_export",),
-    "saved_model": ("tensorflow",),
-    "paddle_inference": ("paddle_inference", "paddle_jit"),
-    "paddle_legacy": ("paddle_inference",),
-    "paddle_static": ("paddle_inference",),
-}
-
-#: Which artifact a package runs when no format is asked for: ONNX first (lightest runtime).
-FORMAT_PREFERENCE = ("onnx", "torchscript", "torch_export", "saved_model", "paddle_inference", "paddle_static",
-                     "paddle_legacy")
-
-#: pip extra that installs each runtime.
-RUNTIME_EXTRAS = {"onnxruntime": "onnx", "torchscript": "torch", "torch_export": "torch", "tensorflow": "tensorflow",
-                  "paddle_inference": "paddle", "paddle_jit": "paddle"}
+#: runtime name -> "module:Class" (imported lazily); derived from packager/registry.py.
+RUNNERS: dict[str, str] = {name: record.runner for name, record in RUNTIMES.items()}
 
 
 def runner_class(runtime: str) -> type[Runner]:
@@ -57,7 +34,7 @@ def runner_class(runtime: str) -> type[Runner]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise DependencyError(f"runtime {runtime!r}", f"cannot be imported ({exc})",
-                              fix=f"pip install 'packager[{RUNTIME_EXTRAS.get(runtime, runtime)}]'") from exc
+                              fix=install_fix(RUNTIMES[runtime].module)) from exc
     return getattr(module, cls_name)
 
 
@@ -71,12 +48,8 @@ def detect_format(path: str | Path) -> str:
         if ".pdiparams" in names:
             return "paddle_legacy" if ".pdmodel" in names else "paddle_inference"
     suffix = path.suffix.lower()
-    by_suffix = {".onnx": "onnx", ".pt2": "torch_export", ".ts": "torchscript", ".torchscript": "torchscript",
-                 ".pdmodel": "paddle_legacy", ".json": "paddle_inference", ".pdiparams": "paddle_inference"}
-    if suffix in by_suffix:
-        return by_suffix[suffix]
-    if suffix in (".pt", ".pth", ".jit"):
-        return "torchscript"
+    if suffix in SUFFIX_FORMATS:
+        return SUFFIX_FORMATS[suffix]
     raise InputError(str(path), "is not a recognised artifact", expected="a package folder, .onnx, .pt (TorchScript), "
                      ".pt2, a SavedModel folder or a Paddle inference model", got=path.suffix or "a folder",
                      fix="pass format=... explicitly")
@@ -104,51 +77,5 @@ def load(path: str | Path, format: str | None = None, device: str | Device = "cp
             refused. Default: ``$PACKAGER_PUBLIC_KEY`` if set, else no check; ``False``: no check.
         **options: Runtime-specific options.
     """
-    from packager.package import Package, is_package
-
-    path = Path(path)
-    if is_package(path):
-        package = Package(path, verify=verify, public_key=public_key)
-        manifest = package.manifest
-        if format is None:
-            available = [f for f in FORMAT_PREFERENCE if f in manifest.formats] or manifest.formats
-            if runtime is not None:
-                available = [f for f in available if runtime in FORMAT_RUNTIMES.get(f, ())]
-            if not available:
-                raise InputError(str(path), "has no artifact the requested runtime can load",
-                                 expected=runtime, got=manifest.formats)
-            format = available[0]
-        try:
-            artifact = manifest.artifact(format)
-        except KeyError:
-            raise InputError(f"format {format!r}", "is not in this package", expected=manifest.formats,
-                             got=format, fix=f"pass one of --format {', '.join(manifest.formats)}") from None
-        runtime = runtime or artifact.runtimes[0]
-        if runtime not in artifact.runtimes:
-            raise InputError(f"runtime {runtime!r}", f"cannot load the {format} artifact",
-                             expected=artifact.runtimes, got=runtime)
-        cls = runner_class(runtime)
-        merged = {**manifest_options(artifact.options.get("runner", {})), **options}
-        from packager.versions import warn_version_drift
-
-        warn_version_drift(manifest, runtime)
-        runner = cls(package.resolve(artifact.path), signature=manifest.signature, device=device, cast=cast, trust=trust,
-                     **merged)
-        runner._package = package  # keeps an unpacked archive's temporary folder alive with the runner
-        return runner
-    if not path.exists():
-        raise InputError(str(path), "does not exist", fix="check the path")
-    from packager.signing import PUBLIC_KEY_ENV, resolve_public_key
-
-    key = resolve_public_key(public_key)
-    if key is not None:
-        raise SignatureVerificationError(str(path), "is a bare artifact, which carries no signature, but a signed "
-                                         f"package is required (public key {str(key)!r})",
-                                         expected="a signed package folder or archive", got="a bare artifact",
-                                         fix=f"load the signed package instead; unset {PUBLIC_KEY_ENV} / drop "
-                                             "public_key only for artifacts you trust")
-    format = format or detect_format(path)
-    if format not in FORMAT_RUNTIMES:
-        raise UsageError(f"format {format!r}", "is unknown", expected=", ".join(FORMAT_RUNTIMES), got=format)
-    runtime = runtime or FORMAT_RUNTIMES[format][0]
-    return runner_class(runtime)(path, signature=signature, device=device, cast=cast, trust=trust, **options)
+    selection = select(path, format, runtime, verify=verify, signature=signature, public_key=public_key, **options)
+    return selection.open(device, cast, trust=trust)

@@ -39,7 +39,7 @@ def paddle_module() -> Any:
     if "paddle" in sys.modules:
         return sys.modules["paddle"]
     with quiet():
-        return require("paddle", extra="paddle", purpose="load and run PaddlePaddle models")
+        return require("paddle", purpose="load and run PaddlePaddle models")
 
 
 def paddle_version() -> str:
@@ -298,3 +298,22 @@ def check_program(files: Any, trust: bool) -> None:
 
         desc = framework_pb2.ProgramDesc()
     refuse(f"Paddle program {str(files.model)!r}", paddle_program_findings(files.model, desc))
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first meaningful line`` of a Paddle exception (whose text opens with C++ banners)."""
+    text = str(exc).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("-", "C++ Traceback", "Error Message Summary", "[Hint")):
+            return f"{type(exc).__name__}: {line[:300]}"
+    return type(exc).__name__
+
+
+def flatten(output: Any) -> list[Any]:
+    """Leaves of a (nested) tuple/list/dict output, in order."""
+    if isinstance(output, dict):
+        return [t for v in output.values() for t in flatten(v)]
+    if isinstance(output, (list, tuple)):
+        return [t for v in output for t in flatten(v)]
+    return [output]

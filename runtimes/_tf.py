@@ -73,7 +73,7 @@ def import_tf() -> Any:
     except (OSError, ValueError):  # no real fd 2 (some notebooks): import without capturing
         saved = None
     try:
-        tf = require("tensorflow", extra="tensorflow", purpose="load TensorFlow/Keras models")
+        tf = require("tensorflow", purpose="load TensorFlow/Keras models")
     finally:
         if saved is not None:
             os.dup2(saved, 2)
@@ -91,7 +91,7 @@ def import_tf() -> Any:
 def import_keras() -> Any:
     """Import Keras 3 (the one TensorFlow ships with), after a quiet TensorFlow import."""
     import_tf()
-    return require("keras", extra="tensorflow", purpose="load Keras models")
+    return require("keras", purpose="load Keras models")
 
 
 def flatten(output: Any) -> tuple[list[Any], list[str] | None]:

@@ -53,7 +53,7 @@ def is_unpickling_refusal(exc: BaseException) -> bool:
 
 def torch_device(device: Device) -> Any:
     """The torch.device for ``device``; a missing GPU is an error."""
-    torch = require("torch", extra="torch", purpose="run TorchScript and torch.export artifacts")
+    torch = require("torch", purpose="run TorchScript and torch.export artifacts")
     if device.is_cuda:
         require_gpu(device, torch.cuda.device_count() if torch.cuda.is_available() else 0, "torch",
                     "install a CUDA build of torch")
@@ -122,8 +122,6 @@ class TorchModuleRunner(Runner):
     Subclasses load ``self.module`` and ``self._device`` in ``_load``. A loaded module keeps no
     per-call Python state, so one instance may be shared by threads (tests/test_concurrency.py).
     """
-
-    thread_safe = True
 
     def _ready(self) -> None:
         self._call = ModuleCaller(self.module, self._device, self.signature.output_names)

@@ -8,6 +8,7 @@ override ``_load``, ``_run``, ``_close`` and (for bare artifacts) ``_native_sign
 from __future__ import annotations
 
 import threading
+import typing
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
@@ -15,10 +16,20 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from packager.errors import RuntimeLoadError, UsageError
+from packager.registry import RUNTIMES, DeviceKind
 from packager.signature import Signature, TensorSpec
 from runtimes.device import Device, parse_device
 from runtimes.feeds import FeedValidator
+
+
+class RunnerOptions(BaseModel):
+    """A runner's options, declared with types: ``"false"`` parses as False, ``"lots"`` threads
+    is an error naming the option, an unknown option is refused (a typo must not be ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Runner(ABC):
@@ -32,12 +43,27 @@ class Runner(ABC):
         options: Runtime-specific options (threads, providers, ...).
     """
 
-    #: Registry name of the runtime ("onnxruntime").
+    #: Registry name of the runtime ("onnxruntime"); its record in packager/registry.py sets
+    #: the class's ``formats``, ``thread_safe`` and ``devices``.
     runtime: ClassVar[str]
     #: Artifact formats this runner loads.
     formats: ClassVar[tuple[str, ...]]
     #: Whether one instance may be called from several threads at once.
     thread_safe: ClassVar[bool] = False
+    #: Device kinds it runs on.
+    devices: ClassVar[tuple[DeviceKind, ...]] = ("cpu",)
+    #: The options it accepts (a subclass of :class:`RunnerOptions`).
+    Options: ClassVar[type[RunnerOptions]] = RunnerOptions
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        runtime = cls.__dict__.get("runtime")
+        if runtime is None:
+            return  # a shared intermediate class (runtimes/_torch.py:TorchModuleRunner)
+        if runtime not in RUNTIMES:
+            raise TypeError(f"runner {cls.__name__}: runtime {runtime!r} has no record in packager/registry.py")
+        record = RUNTIMES[runtime]
+        cls.formats, cls.thread_safe, cls.devices = record.formats, record.thread_safe, record.devices
 
     def __init__(self, path: str | Path, *, signature: Signature | None = None, device: str | Device = "cpu",
                  cast: str = "strict", trust: bool | None = None, **options: Any) -> None:
@@ -45,7 +71,10 @@ class Runner(ABC):
 
         self.path = Path(path)
         self.device = parse_device(device)
-        self.options = options
+        if self.device.kind not in self.devices:
+            raise UsageError(f"device {self.device}", f"is not one the {self.runtime} runtime runs on",
+                             expected=", ".join(self.devices), got=str(self.device))
+        self.options = self.parse_options(options)
         #: Whether graphs that run code or touch files may load (runtimes/_graphscan.py). Never
         #: taken from a manifest's runner options: see :func:`manifest_options`.
         self.trust = trusted(trust)
@@ -113,6 +142,27 @@ class Runner(ABC):
         except Exception:
             pass
 
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any], origin: str = "") -> RunnerOptions:
+        """Validate ``options`` against :attr:`Options` (strings parse by the declared type).
+
+        Args:
+            options: Option name to value (``--option`` values arrive as strings).
+            origin: Where they came from, for the message (default: the caller).
+
+        Raises:
+            UsageError: An unknown option or a value of the wrong type (exit 2).
+        """
+        try:
+            return cls.Options.model_validate(dict(options))
+        except ValidationError as exc:
+            problems = "; ".join(_option_problem(e) for e in exc.errors())
+            fields = cls.Options.model_fields
+            accepted = ", ".join(f"{k} ({_type_name(f.annotation)})" for k, f in fields.items()) or "none"
+            raise UsageError(f"{cls.runtime} runner options{origin}", f"are not valid: {problems}",
+                             expected=f"options {accepted}", got=dict(options),
+                             fix="fix or drop the option") from None
+
     # --- backend hooks ------------------------------------------------------------------
     @abstractmethod
     def _load(self) -> None:
@@ -133,7 +183,39 @@ class Runner(ABC):
                          fix="load it from its package (runtimes.load(PKG)) or pass signature=...")
 
 
-def manifest_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """A manifest's runner options without ``trust``: whoever writes a package must not be able
-    to trust it on the reader's behalf."""
-    return {k: v for k, v in options.items() if k != "trust"}
+def manifest_options(artifact: Any, runner: type[Runner]) -> dict[str, Any]:
+    """An artifact's runner options from its manifest entry, checked against ``runner``'s.
+
+    ``trust`` is dropped: whoever writes a package must not be able to trust it on the
+    reader's behalf.
+
+    Raises:
+        ManifestError: The manifest holds options ``runner`` does not accept (exit 2).
+    """
+    from packager.errors import ManifestError
+
+    options = artifact.options.get("runner", {})
+    if not isinstance(options, Mapping):
+        raise ManifestError(f"manifest artifact {artifact.format!r}", "has runner options that are not a mapping",
+                            expected="an object of option name -> value", got=type(options).__name__,
+                            fix="re-export the package, or fix options.runner in manifest.json")
+    options = {k: v for k, v in options.items() if k != "trust"}
+    try:
+        runner.parse_options(options, origin=f" in the manifest (artifact {artifact.format!r})")
+    except UsageError as exc:
+        raise ManifestError(exc.subject, exc.problem, expected=exc.expected, got=exc.got,
+                            fix="re-export the package, or fix options.runner in manifest.json") from None
+    return options
+
+
+def _option_problem(error: Mapping[str, Any]) -> str:
+    name = ".".join(str(p) for p in error.get("loc", ())) or "options"
+    if error.get("type") == "extra_forbidden":
+        return f"{name!r} is not an option of this runtime"
+    return f"{name!r}: {error.get('msg', 'invalid')} (got {error.get('input')!r})"
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

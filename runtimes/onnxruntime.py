@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import NonNegativeInt
 
 from packager.errors import DeviceError, RuntimeLoadError, require
 from packager.signature import Signature, TensorSpec
-from runtimes.base import Runner
+from runtimes.base import Runner, RunnerOptions
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
@@ -27,21 +28,23 @@ class OnnxRuntimeRunner(Runner):
         graph_optimization_level: ``"all"`` (default), ``"extended"``, ``"basic"`` or ``"disabled"``.
     """
 
+    class Options(RunnerOptions):
+        intra_op_num_threads: NonNegativeInt = 0  # 0: ONNX Runtime's choice
+        inter_op_num_threads: NonNegativeInt = 0
+        graph_optimization_level: Literal["all", "extended", "basic", "disabled"] = "all"
+
     runtime = "onnxruntime"
-    formats = ("onnx",)
-    thread_safe = True  # InferenceSession.run is documented thread-safe.
 
     def _load(self) -> None:
-        ort = require("onnxruntime", extra="onnx", purpose="run ONNX artifacts")
+        ort = require("onnxruntime", purpose="run ONNX artifacts")
         options = ort.SessionOptions()
         levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                   "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-        options.graph_optimization_level = levels[self.options.get("graph_optimization_level", "all")]
-        for key in ("intra_op_num_threads", "inter_op_num_threads"):
-            if self.options.get(key):
-                setattr(options, key, int(self.options[key]))
+        options.graph_optimization_level = levels[self.options.graph_optimization_level]
+        options.intra_op_num_threads = self.options.intra_op_num_threads
+        options.inter_op_num_threads = self.options.inter_op_num_threads
         # ONNX Runtime's own log lines (coloured, on stderr) would break packager's JSON-lines
         # progress stream. Warnings: the process-wide default logger (model load) at ERROR.
         # The session's logger goes to FATAL: its ERROR lines ("Non-zero status code returned

@@ -21,17 +21,17 @@ give one predictor more cores.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import PositiveInt
 
 import numpy as np
 
-from packager.errors import RuntimeLoadError, UsageError
+from packager.errors import RuntimeLoadError
 from packager.signature import Signature
-from runtimes._paddle import (check_gpu, check_program, paddle_module, quiet, read_program_signature,
-                              resolve_model_files)
-from runtimes.base import Runner
-
-THREAD_MODES = ("clone", "lock")
+from runtimes._paddle import (check_gpu, check_program, first_line, paddle_module, quiet,
+                              read_program_signature, resolve_model_files)
+from runtimes.base import Runner, RunnerOptions
 
 
 class PaddleInferenceRunner(Runner):
@@ -48,27 +48,32 @@ class PaddleInferenceRunner(Runner):
         gpu_memory_mb: Initial GPU memory pool for ``cuda[:N]`` (default 256).
     """
 
+    class Options(RunnerOptions):
+        threads: PositiveInt = 1
+        onednn: bool = True
+        memory_optim: bool = True
+        ir_optim: bool = True
+        new_executor: bool = True
+        thread_mode: Literal["lock", "clone"] = "lock"
+        gpu_memory_mb: PositiveInt = 256
+
     runtime = "paddle_inference"
-    formats = ("paddle_inference", "paddle_legacy", "paddle_static")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        mode = kwargs.get("thread_mode", "lock")
-        if mode not in THREAD_MODES:
-            raise UsageError("thread_mode", "is unknown", expected=" or ".join(THREAD_MODES), got=mode)
-        # Instance attribute: the base class reads self.thread_safe to skip its lock.
-        self.thread_safe = mode == "clone"  # type: ignore[misc]
         self._local = threading.local()
         self._clone_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
     # --- loading ------------------------------------------------------------------------
     def _load(self) -> None:
+        # Instance attribute: the base class reads self.thread_safe to skip its lock.
+        self.thread_safe = self.options.thread_mode == "clone"  # type: ignore[misc]
         paddle_module()
         check_gpu(self.device, "Paddle Inference")
         self.files = resolve_model_files(self.path)
         check_program(self.files, self.trust)
-        self._onednn = bool(self.options.get("onednn", True)) and not self.device.is_cuda
-        self._memory_optim = bool(self.options.get("memory_optim", True))
+        self._onednn = self.options.onednn and not self.device.is_cuda
+        self._memory_optim = self.options.memory_optim
         self._predictor = self._create_with_fallbacks()
         self._generation = 0
         self._input_names = list(self._predictor.get_input_names())
@@ -83,18 +88,18 @@ class PaddleInferenceRunner(Runner):
         else:
             config = inference.Config(str(files.model), str(files.params) if files.params else "")
         if self.device.is_cuda:
-            config.enable_use_gpu(int(self.options.get("gpu_memory_mb", 256)), self.device.index)
+            config.enable_use_gpu(self.options.gpu_memory_mb, self.device.index)
         else:
             config.disable_gpu()
-            config.set_cpu_math_library_num_threads(int(self.options.get("threads", 1)))
+            config.set_cpu_math_library_num_threads(self.options.threads)
             if self._onednn:
                 config.enable_onednn()
             else:
                 config.disable_onednn()
-        config.switch_ir_optim(bool(self.options.get("ir_optim", True)))
+        config.switch_ir_optim(self.options.ir_optim)
         if self._memory_optim:
             config.enable_memory_optim()
-            if files.program == "pir" and self.options.get("new_executor", True):
+            if files.program == "pir" and self.options.new_executor:
                 # Paddle 3.x: the PIR memory pass registers its result only for the new executor
                 # ("Not find predictor_id N and pass_name memory_optimize_pass" otherwise).
                 config.enable_new_executor(True)
@@ -118,7 +123,7 @@ class PaddleInferenceRunner(Runner):
                 predictor = self._create()
                 break
             except Exception as exc:
-                message = _first_line(exc)
+                message = first_line(exc)
                 tried.append(f"{self._describe()}: {message}")
                 if self._memory_optim and "memory_optim" in str(exc):
                     self._memory_optim = False
@@ -147,7 +152,7 @@ class PaddleInferenceRunner(Runner):
         if self.device.is_cuda:
             return f"GPU {self.device.index}, memory optim {'on' if self._memory_optim else 'off'}"
         return (f"CPU, oneDNN {'on' if self._onednn else 'off'}, memory optim {'on' if self._memory_optim else 'off'}"
-                f", {int(self.options.get('threads', 1))} thread(s)")
+                f", {self.options.threads} thread(s)")
 
     # --- running ------------------------------------------------------------------------
     def _thread_predictor(self) -> Any:
@@ -166,13 +171,13 @@ class PaddleInferenceRunner(Runner):
         except Exception as exc:
             if not self._onednn:
                 raise RuntimeLoadError(f"Paddle inference model {self.path.name!r}",
-                                       f"failed to run (step: run): {_first_line(exc)}",
+                                       f"failed to run (step: run): {first_line(exc)}",
                                        fix="check the input shapes against the model's signature") from exc
             # oneDNN kernels can reject an op only when they first see real shapes.
             with self._clone_lock:
                 if self._onednn:
                     self._onednn = False
-                    self.notes.append(f"oneDNN disabled: the first run failed with it ({_first_line(exc)})")
+                    self.notes.append(f"oneDNN disabled: the first run failed with it ({first_line(exc)})")
                     self._predictor = self._create_with_fallbacks()
                     self._generation += 1
             return self._run(feeds)
@@ -198,13 +203,4 @@ class PaddleInferenceRunner(Runner):
             return read_program_signature(self.files)
         except Exception as exc:
             raise RuntimeLoadError(f"Paddle inference model {str(self.path)!r}",
-                                   f"its inputs cannot be read from the program: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("-", "C++ Traceback", "Error Message Summary")):
-            return f"{type(exc).__name__}: {line[:300]}"
-    return type(exc).__name__
+                                   f"its inputs cannot be read from the program: {first_line(exc)}") from exc

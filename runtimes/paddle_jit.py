@@ -6,26 +6,28 @@ the deployment runtime. Calls are serialised by the base class (a layer holds pe
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+from pydantic import PositiveInt
 
 from packager.errors import RuntimeLoadError
 from packager.signature import Signature
-from runtimes._paddle import (check_gpu, check_program, paddle_module, quiet, read_program_signature,
+from runtimes._paddle import (check_gpu, check_program, flatten, paddle_module, quiet, read_program_signature,
                               resolve_model_files)
-from runtimes.base import Runner
+from runtimes.base import Runner, RunnerOptions
 
 
 class PaddleJitRunner(Runner):
     """Runs a PIR (``.json``) or legacy (``.pdmodel``) ``paddle.jit.save`` model with ``paddle.jit.load``.
 
     Options:
-        threads: Not used (Paddle's dygraph thread count is process-wide).
+        threads: Accepted for symmetry with paddle_inference and not used (Paddle's dygraph
+            thread count is process-wide).
     """
 
+    class Options(RunnerOptions):
+        threads: PositiveInt = 1
+
     runtime = "paddle_jit"
-    formats = ("paddle_inference",)
 
     def _load(self) -> None:
         paddle = paddle_module()
@@ -58,7 +60,7 @@ class PaddleJitRunner(Runner):
                     out = self.layer(*args)
             else:
                 out = self.layer(*args)
-        outputs = _flatten(out)
+        outputs = flatten(out)
         return {n: np.asarray(t.numpy()) for n, t in zip(self.signature.output_names or
                                                            [f"output_{i}" for i in range(len(outputs))], outputs)}
 
@@ -67,11 +69,3 @@ class PaddleJitRunner(Runner):
 
     def _native_signature(self) -> Signature:
         return read_program_signature(self.files)
-
-
-def _flatten(output: Any) -> list[Any]:
-    if isinstance(output, dict):
-        return [t for v in output.values() for t in _flatten(v)]
-    if isinstance(output, (list, tuple)):
-        return [t for v in output for t in _flatten(v)]
-    return [output]

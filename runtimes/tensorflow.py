@@ -10,7 +10,7 @@ from packager.errors import ContractError, RuntimeLoadError
 from packager.signature import BATCH, Signature, TensorSpec, dtype_name
 from runtimes._graphscan import refuse, saved_model_findings
 from runtimes._tf import import_tf, read_saved_model, signature_inputs, signature_outputs
-from runtimes.base import Runner
+from runtimes.base import Runner, RunnerOptions
 from runtimes.device import require_gpu
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -26,9 +26,10 @@ class TensorFlowRunner(Runner):
     see is a :class:`~packager.errors.DeviceError`, never a silent CPU fallback.
     """
 
+    class Options(RunnerOptions):
+        signature_key: str = DEFAULT_SIGNATURE
+
     runtime = "tensorflow"
-    formats = ("saved_model",)
-    thread_safe = True  # concrete functions may be called from several threads at once
 
     def _load(self) -> None:
         tf = import_tf()
@@ -55,7 +56,7 @@ class TensorFlowRunner(Runner):
             raise RuntimeLoadError(f"SavedModel {str(self.path)!r}", f"cannot be loaded: "
                                    f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
                                    fix="check that the folder is complete (saved_model.pb and variables/)") from exc
-        key = self.options.get("signature_key") or DEFAULT_SIGNATURE
+        key = self.options.signature_key or DEFAULT_SIGNATURE
         available = sorted(self._loaded.signatures)
         if key not in available:
             raise RuntimeLoadError(f"SavedModel {str(self.path)!r}", f"has no signature {key!r}",

@@ -11,7 +11,6 @@ class TorchExportRunner(TorchModuleRunner):
     """Runs an ExportedProgram's module."""
 
     runtime = "torch_export"
-    formats = ("torch_export",)
 
     def _load(self) -> None:
         self._device = torch_device(self.device)  # first: a missing torch becomes a DependencyError

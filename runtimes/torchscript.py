@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pydantic import NonNegativeInt
+
 from packager.errors import RuntimeLoadError
 from runtimes._graphscan import refuse, torchscript_module_findings, torchscript_source_findings
 from runtimes._torch import TorchModuleRunner, torch_device
+from runtimes.base import RunnerOptions
 
 
 class TorchScriptRunner(TorchModuleRunner):
@@ -14,15 +17,17 @@ class TorchScriptRunner(TorchModuleRunner):
         num_threads: torch intra-op threads (process-wide).
     """
 
+    class Options(RunnerOptions):
+        num_threads: NonNegativeInt = 0  # 0: leave torch's setting
+
     runtime = "torchscript"
-    formats = ("torchscript",)
 
     def _load(self) -> None:
         self._device = torch_device(self.device)  # first: a missing torch becomes a DependencyError
         import torch
 
-        if self.options.get("num_threads"):
-            torch.set_num_threads(int(self.options["num_threads"]))
+        if self.options.num_threads:
+            torch.set_num_threads(self.options.num_threads)
         subject = f"TorchScript file {str(self.path)!r}"
         if not self.trust:  # before loading: torch.jit.load runs a module's __setstate__ code
             refuse(subject, torchscript_source_findings(self.path))

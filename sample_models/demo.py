@@ -16,8 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
+
+from packager.tables import print_table
 
 #: sample name -> "module:function". The function takes a work folder and returns the
 #: keyword arguments of packager.export (source, example_inputs/input_spec, builder, ...).
@@ -66,9 +67,8 @@ def run_demo(out_dir: str | Path, only: list[str] | None = None, console: Consol
         from packager.errors import UsageError
 
         raise UsageError(f"sample(s) {unknown}", "are unknown", expected=", ".join(DEMOS), got=", ".join(unknown))
-    table = Table(title="packager demo: sample models")
-    for col in ("sample", "saved as", "formats", "parity", "verify", "batch", "s"):
-        table.add_column(col, overflow="fold")
+    rows: list[list[Any]] = []
+    replay: list[str] = []
     failed: list[str] = []
     for name in names:
         start = time.perf_counter()
@@ -82,7 +82,7 @@ def run_demo(out_dir: str | Path, only: list[str] | None = None, console: Consol
                     warnings.simplefilter("ignore", DeprecationWarning)
                     kwargs = _resolve(DEMOS[name])(work)
             except (ImportError, DependencyError) as exc:
-                table.add_row(name, "-", "-", "skipped", f"not installed: {exc}", "-", "-")
+                rows.append([name, "-", "-", "skipped", f"not installed: {exc}", "-", "-"])
                 continue
             pkg = out_dir / name
             source = kwargs['source'] if not hasattr(kwargs['source'], 'eval') else 'in-memory model'
@@ -92,23 +92,28 @@ def run_demo(out_dir: str | Path, only: list[str] | None = None, console: Consol
             with runtimes.load(pkg) as runner:
                 data = runner.signature.example_inputs(seed=7, sizes={"batch": 100})
                 outputs = run_batches(runner, data, batch_size=32)
+            np.savez(out_dir / f"{name}-inputs.npz", **data)
             np.savez(out_dir / f"{name}-outputs.npz", **outputs)
+            replay += [f"packager verify {pkg}",
+                       f"packager run {pkg} -i {out_dir / f'{name}-inputs.npz'} -o {out_dir / f'{name}-outputs.npz'} "
+                       "--overwrite"]
             ok = result.passed and report.passed
             if not ok:
                 failed.append(name)
-            rows = next(iter(outputs.values())).shape[0]
-            table.add_row(name, _saved_as(kwargs["source"]),
-                          " ".join(result.manifest.formats),
-                          _verdict(result.passed), _verdict(report.passed), f"{rows} rows",
-                          f"{time.perf_counter() - start:.1f}")
+            rows.append([name, _saved_as(kwargs["source"]), " ".join(result.manifest.formats),
+                         _verdict(result.passed), _verdict(report.passed),
+                         f"{next(iter(outputs.values())).shape[0]} rows", f"{time.perf_counter() - start:.1f}"])
         except PackagerError as exc:
             failed.append(name)
-            table.add_row(name, "-", "-", Text("ERROR", "red"), Text(exc.message[:80]), "-",
-                          f"{time.perf_counter() - start:.1f}")
+            rows.append([name, "-", "-", Text("ERROR", "red"), Text(exc.message[:80]), "-",
+                         f"{time.perf_counter() - start:.1f}"])
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    console.print(table)
-    console.print(f"packages in {out_dir.resolve()}; inspect one with: packager inspect {out_dir / names[0]}")
+    print_table(console, "packager demo: sample models",
+                ("sample", "saved as", "formats", "parity", "verify", "batch", "s"), rows, right=("s",))
+    console.print(Text(f"packages in {out_dir.resolve()} (kept); replay each step with:"), soft_wrap=True)
+    for line in [f"packager inspect {out_dir / names[0]}", *replay]:
+        console.print(Text(f"  {line}"), soft_wrap=True)
     return failed
 
 

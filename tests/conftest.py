@@ -14,6 +14,11 @@ import pytest
 os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("GLOG_minloglevel", "2")
+# Export parity in a fresh process costs a Python start and a framework import per export
+# (~5 s, some hundred exports here). Tests of other features judge in process; the tests that
+# are the evidence for isolation (ISOLATED below) run it as users get it, by default.
+os.environ.setdefault("PACKAGER_PARITY_IN_PROCESS", "1")
+ISOLATED = ("tests/test_exporting.py", "tests/zoo/", "tests/exporters/test_binding.py")
 
 
 def _has_gpu() -> bool:
@@ -140,3 +145,11 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_parity(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Export parity as users get it (a fresh process) in the tests that are its evidence."""
+    path = Path(str(request.node.path)).as_posix()
+    if any(part in path for part in ISOLATED):
+        monkeypatch.delenv("PACKAGER_PARITY_IN_PROCESS", raising=False)

@@ -30,6 +30,11 @@ def test_bench_reports_percentiles_and_records_outside_the_package(mlp_onnx_pack
         assert row.error is None and row.iterations >= 5
         assert 0 < row.p50_ms <= row.p90_ms <= row.p99_ms
         assert row.rows_per_s > 0
+        # rows/s comes from the statistic the table shows (the median, p50), not from a mean
+        # (p50_ms is rounded to 1e-4 ms, rows/s to 0.1)
+        median_ms = row.batch_size * 1e3 / row.rows_per_s
+        assert abs(median_ms - row.p50_ms) <= 5e-5 + 1e-3 * row.p50_ms
+        assert row.spread == pytest.approx(row.p90_ms / row.p50_ms, abs=1e-3)
     assert report.fastest["cpu"]["runtime"] == "onnxruntime" and report.fastest["cpu"]["batch_size"] == 64
     path = Path(report.record_path)
     assert path == record_path(mlp_onnx_package) and path.is_relative_to(cache)
@@ -39,6 +44,14 @@ def test_bench_reports_percentiles_and_records_outside_the_package(mlp_onnx_pack
     Package(mlp_onnx_package, verify=True)
     with pytest.raises(UsageError):
         bench(mlp_onnx_package, formats=["torchscript"])
+
+
+def test_runs_that_vary_too_much_are_flagged() -> None:
+    from packager.bench import UNSTABLE_SPREAD, BenchRow
+
+    steady = BenchRow("onnx", "onnxruntime", "cpu", 1, p50_ms=1.0, p90_ms=1.1, spread=1.1)
+    noisy = BenchRow("onnx", "onnxruntime", "cpu", 1, p50_ms=1.0, p90_ms=2.0, spread=2.0)
+    assert not steady.unstable and noisy.unstable and UNSTABLE_SPREAD == 1.5
 
 
 def test_absent_device_is_an_error_row_not_a_crash(mlp_onnx_package: Path, cache: Path) -> None:

@@ -315,3 +315,10 @@ def test_docs_carry_the_current_report_schema() -> None:
     text = (Path(__file__).parents[1] / "docs" / "fidelity.md").read_text()
     match = re.search(r"<!-- schema:start -->\n```json\n(.*)\n```\n<!-- schema:end -->", text, re.S)
     assert match and json.loads(match.group(1)) == report_json_schema()
+
+
+def test_the_table_explains_its_terms(mlp_onnx_package: Path) -> None:
+    proc = run_cli("verify", str(mlp_onnx_package))
+    assert proc.returncode == 0
+    assert "min atol: the smallest atol that would have passed" in proc.stdout
+    assert "tol use: max |err| / (atol + rtol x max|ref|)" in proc.stdout

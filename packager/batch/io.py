@@ -221,7 +221,7 @@ class ParquetSource(Source):
         for name in self.names:
             meta = schema.field(name).metadata or {}
             if SHAPE_KEY in meta:
-                self.meta_shapes[name] = json.loads(meta[SHAPE_KEY])
+                self.meta_shapes[name] = meta_shape(meta[SHAPE_KEY], f"{path}: column {name!r}")
         self.rows = int(self.file.metadata.num_rows)
         self.columns = self.names
 
@@ -438,6 +438,28 @@ def _fixed_size_values(column: Any, pa: Any) -> tuple[list[int], Any] | None:
     return sizes, cur
 
 
+def meta_shape(raw: bytes | str, origin: str) -> list[int]:
+    """A column's per-row shape from its Parquet field metadata (written by :func:`to_arrow_table`).
+
+    The file may come from anyone: the value must be a short JSON list of dimension sizes.
+
+    Raises:
+        InputError: It is not (exit 2).
+    """
+    try:
+        shape = json.loads(raw)
+    except (ValueError, RecursionError):
+        shape = None
+    if (not isinstance(shape, list) or len(shape) > 32
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)):
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        raise InputError(origin, f"has field metadata {SHAPE_KEY.decode()!r} that is not a per-row shape",
+                         expected="a JSON list of at most 32 sizes, e.g. [3, 224, 224]",
+                         got=text[:80] + ("..." if len(text) > 80 else ""),
+                         fix="write the file with packager's writer (to_arrow_table), or drop that field metadata")
+    return shape
+
+
 def _resolve_row_shape(shape: list[int | str], meta_shape: list[int] | None, counts: np.ndarray,
                        bad: dict[int, str], origin: str) -> tuple[int, ...]:
     """Concrete per-row shape: fixed dims from the signature; one dynamic dim from the length."""
@@ -595,7 +617,7 @@ def arrow_table_to_arrays(table: Any) -> dict[str, np.ndarray]:
             while pa.types.is_fixed_size_list(col.type):
                 sizes.append(col.type.list_size)
                 col = col.flatten()
-            shape = json.loads(meta[SHAPE_KEY]) if SHAPE_KEY in meta else sizes
+            shape = meta_shape(meta[SHAPE_KEY], f"column {fld.name!r}") if SHAPE_KEY in meta else sizes
             out[fld.name] = col.to_numpy(zero_copy_only=False).reshape((n, *shape))
         else:
             values = np.asarray(col.to_numpy(zero_copy_only=False))
@@ -671,7 +693,7 @@ def _write_block(fh: Any, block: np.ndarray) -> None:
 def _pa() -> Any:
     from packager.errors import require
 
-    return require("pyarrow", extra="data", purpose="read and write Parquet")
+    return require("pyarrow", purpose="read and write Parquet")
 
 
 def _pc() -> Any:

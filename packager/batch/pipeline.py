@@ -188,14 +188,17 @@ def _run_package(package: str | Path, input_path: str | Path, output: str | Path
 
         format, runtime, note = auto_choice(package, format, str(dev))
         notes.append(note)
-    # The Ray driver only needs the signature; its actors load the artifact on their device.
-    load_device = "cpu" if config.engine == "ray" else dev
-    threads, options = _parallelism(package, format, runtime, config.threads, config.engine)
-    runner = runtimes.load(package, format=format, device=load_device, runtime=runtime, cast=cast, verify=verify,
-                           **options)
+    # One choice of artifact, runtime and options, read from the manifest once for the whole run.
+    selection = runtimes.select(package, format=format, runtime=runtime, verify=verify)
+    threads, options = _parallelism(selection, config.threads, config.engine)
+    if config.engine == "ray" and selection.signature is not None:
+        # The driver needs only the signature, which the manifest holds: actors load the artifact.
+        runner: Any = _Unloaded(selection)
+    else:  # a bare artifact's signature comes from loading it (on the CPU for the Ray driver)
+        runner = selection.open("cpu" if config.engine == "ray" else dev, cast, **options)
     lock: OutputLock | None = None
     try:
-        format_used = _artifact_format(package, runner)
+        format_used = selection.format
         signature = runner.signature
         if config.id_column and config.id_column in signature.output_names + signature.input_names:
             raise UsageError("--id-column", "has the name of a model input or output", got=config.id_column,
@@ -213,12 +216,12 @@ def _run_package(package: str | Path, input_path: str | Path, output: str | Path
             prev = lock.previous
             notes.append(f"took over the lock of a run that is gone (pid {prev.get('pid')} on host "
                          f"{prev.get('host')})")
-        batch_size = config.batch_size or default_batch_size(signature, _model_bytes(package))
+        batch_size = config.batch_size or default_batch_size(signature, _model_bytes(selection))
         fixed = fixed_batch_size(signature)
         if fixed is not None and batch_size % fixed:
             batch_size = -(-batch_size // fixed) * fixed  # whole fixed-size batches; the last one is padded
             notes.append(f"batch size rounded up to {batch_size}, a multiple of the artifact's fixed batch {fixed}")
-        fingerprint = {"model": _model_identity(package, runner), "format": format_used, "runtime": runner.runtime,
+        fingerprint = {"model": _model_identity(selection), "format": format_used, "runtime": runner.runtime,
                        "device": str(dev), "cast": cast, "input": dataset.identity(), "batch_size": batch_size,
                        "on_error": config.on_error, "allow_nan": config.allow_nan, "id_column": config.id_column,
                        "output_format": out.fmt, "shard_rows": config.shard_rows}
@@ -357,8 +360,7 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _parallelism(package: str | Path, format: str | None, runtime: str | None, threads: int | None,
-                 engine: str) -> tuple[int, dict[str, Any]]:
+def _parallelism(selection: Any, threads: int | None, engine: str) -> tuple[int, dict[str, Any]]:
     """Inference threads and runner options for the local engine.
 
     Batch inference parallelises best across batches: each thread runs its own batch with a
@@ -367,25 +369,10 @@ def _parallelism(package: str | Path, format: str | None, runtime: str | None, t
     badly when other processes share the cores). Runners that are not thread-safe get one
     thread and their own defaults.
     """
-    import runtimes
-    from packager.package import is_package
-
     if engine != "local":
         return 1, {}
-    try:
-        if is_package(package):
-            from packager.manifest import load_manifest
-
-            manifest = load_manifest(package)
-            fmt = format or next((f for f in runtimes.FORMAT_PREFERENCE if f in manifest.formats
-                                  and (runtime is None or runtime in runtimes.FORMAT_RUNTIMES.get(f, ()))), None)
-            name = runtime or (manifest.artifact(fmt).runtimes[0] if fmt else None)
-        else:
-            fmt = format or runtimes.detect_format(package)
-            name = runtime or runtimes.FORMAT_RUNTIMES.get(fmt, (None,))[0]
-        safe = bool(name) and runtimes.runner_class(name).thread_safe
-    except (PackagerError, KeyError):
-        return threads or 1, {}  # runtimes.load reports the real problem next
+    name = selection.runtime.name
+    safe = selection.runtime.thread_safe
     cpus = _cpus()
     if threads is None:
         threads = min(cpus, 4) if safe else 1
@@ -505,36 +492,30 @@ def _drive(results: Iterator[ChunkResult], sink: OutputSink, progress: Progress)
         raise failure[0]
 
 
-def _artifact_format(package: str | Path, runner: Any) -> str:
-    from packager.package import is_package
-
-    if is_package(package):
-        from packager.manifest import load_manifest
-
-        manifest = load_manifest(package)
-        for art in manifest.artifacts:
-            if Path(package, art.path).resolve() == Path(runner.path).resolve():
-                return art.format
-    return type(runner).formats[0]
+def _model_bytes(selection: Any) -> int:
+    """The largest artifact of the package (the default batch size must not depend on which runs)."""
+    if selection.manifest is None:
+        return selection.model_bytes
+    return max((sum(f.size for f in a.files) for a in selection.manifest.artifacts), default=0)
 
 
-def _model_identity(package: str | Path, runner: Any) -> str:
-    """SHA-256 of the manifest (packages) or size+mtime of a bare artifact."""
+class _Unloaded:
+    """What the Ray driver keeps of a package's artifact: its signature (the actors load it)."""
+
+    def __init__(self, selection: Any) -> None:
+        self.signature, self.runtime, self.path = selection.signature, selection.runtime.name, selection.path
+
+    def close(self) -> None:
+        pass
+
+
+def _model_identity(selection: Any) -> str:
+    """SHA-256 of the manifest (packages) or path, size and mtime of a bare artifact."""
     from packager.manifest import MANIFEST_NAME
-    from packager.package import is_package
 
-    if is_package(package):
-        return hashlib.sha256(Path(package, MANIFEST_NAME).read_bytes()).hexdigest()
-    st = Path(runner.path).stat()
-    return f"{Path(runner.path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if selection.package is not None:
+        return hashlib.sha256(Path(selection.package.root, MANIFEST_NAME).read_bytes()).hexdigest()
+    st = Path(selection.path).stat()
+    return f"{Path(selection.path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _model_bytes(package: str | Path) -> int:
-    from packager.package import is_package
-
-    path = Path(package)
-    if is_package(path):
-        from packager.manifest import load_manifest
-
-        return max((sum(f.size for f in a.files) for a in load_manifest(path).artifacts), default=0)
-    return path.stat().st_size if path.is_file() else 0

@@ -169,7 +169,7 @@ RUNTIME_ENV = {"worker_process_setup_hook": "packager.batch.ray_engine.worker_se
 
 def init_ray(address: str | None) -> Any:
     """Connect to ``address`` or start a local Ray instance (reusing one already running here)."""
-    ray = require("ray", extra="ray", purpose="run with --engine ray")
+    ray = require("ray", purpose="run with --engine ray")
     worker_setup()  # the driver lists files too
     if ray.is_initialized():
         return ray

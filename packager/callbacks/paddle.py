@@ -20,7 +20,7 @@ from packager.callbacks import CallbackVerdict, export_verified
 from packager.errors import require
 
 # The callback subclasses paddle's: this module needs paddle at import (a clear error if absent).
-paddle = require("paddle", extra="paddle", purpose="use the Paddle training callback")
+paddle = require("paddle", purpose="use the Paddle training callback")
 
 log = logging.getLogger("packager.callbacks.paddle")
 

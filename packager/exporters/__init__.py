@@ -10,31 +10,79 @@ Every module ``packager.exporters.<framework>`` defines:
 - ``load_source(source, options: SourceOptions) -> LoadedModel``;
 - ``run_eager(loaded, feeds: dict[str, np.ndarray]) -> list[np.ndarray]`` (inference mode);
 - ``export_format(fmt, loaded, ctx: ExportContext, dest: Path) -> ArtifactSpec``.
+- ``Options``: the exporter options it reads (``--option KEY=VALUE``, ``options={...}``), a
+  subclass of :class:`ExporterOptions` declaring each with its type and default.
 
 Modules are imported lazily through :data:`FRAMEWORKS`.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from packager import registry
 from packager.errors import DependencyError, UsageError
 from packager.signature import Signature
 
-#: framework name -> exporter module.
-FRAMEWORKS: dict[str, str] = {
-    "torch": "packager.exporters.pytorch",
-    "tensorflow": "packager.exporters.tensorflow",
-    "paddle": "packager.exporters.paddle",
-}
-#: pip extra per framework.
-EXTRAS = {"torch": "torch", "tensorflow": "tensorflow", "paddle": "paddle"}
+#: Frameworks in detection order (records in packager/registry.py).
+FRAMEWORKS = registry.FRAMEWORKS
+
+
+class ExporterOptions(BaseModel):
+    """A framework exporter's options, declared with types: values given as strings (``--option
+    torchscript_freeze=false``) parse by the declared type, a bad value is an error naming the
+    option, and an unknown option is refused (a typo must not be ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_exporter_options(framework: str, declared: type[ExporterOptions],
+                           options: Mapping[str, Any] | None) -> ExporterOptions:
+    """Validate ``options`` against an exporter's ``Options`` (strings parse by the declared type).
+
+    Raises:
+        UsageError: An unknown option or a value of the wrong type (exit 2), naming the
+            accepted options with their types.
+    """
+    given = dict(options or {})
+    try:
+        return declared.model_validate(given)
+    except ValidationError as exc:
+        fields = declared.model_fields
+        problems, hints = [], []
+        for error in exc.errors():
+            name = ".".join(str(p) for p in error.get("loc", ())) or "options"
+            if error.get("type") == "extra_forbidden":
+                problems.append(f"{name!r} is not an option of the {framework} exporter")
+                close = difflib.get_close_matches(name, list(fields), n=1)
+                if close:
+                    hints.append(f"spell it {close[0]!r}")
+            else:
+                problems.append(f"{name!r}: {error.get('msg', 'invalid')} (got {error.get('input')!r})")
+        accepted = ", ".join(f"{k} ({_type_name(f.annotation)}, default {f.default!r})"
+                             for k, f in fields.items()) or "none"
+        fix = ", or ".join(hints + ["fix or drop the option"]) + " (--option KEY=VALUE, or options={...} in the API)"
+        raise UsageError(f"{framework} exporter options", f"are not valid: {'; '.join(problems)}",
+                         expected=f"options {accepted}", got=given, fix=fix) from None
+
+
+def _type_name(annotation: Any) -> str:
+    """``bool``, ``trace|script``, ``str | None``: how an option's type reads in a message."""
+    from runtimes.base import _type_name as runner_type_name
+
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) if a is not type(None) else "None" for a in typing.get_args(annotation))
+    return runner_type_name(annotation)
 
 
 @dataclass
@@ -95,10 +143,14 @@ def exporter(framework: str) -> ModuleType:
     if framework not in FRAMEWORKS:
         raise UsageError(f"framework {framework!r}", "is unknown", expected=", ".join(FRAMEWORKS), got=framework)
     try:
-        return importlib.import_module(FRAMEWORKS[framework])
-    except ImportError as exc:
+        # The framework itself first: exporter modules import it lazily, so a missing torch
+        # would otherwise surface mid-export as an internal error.
+        if importlib.util.find_spec(FRAMEWORKS[framework].module) is None:
+            raise ImportError(f"No module named {FRAMEWORKS[framework].module!r}")
+        return importlib.import_module(FRAMEWORKS[framework].exporter)
+    except (ImportError, ValueError) as exc:  # ValueError: a module set to None in sys.modules
         raise DependencyError(f"framework {framework!r}", f"cannot be imported ({exc})",
-                              fix=f"pip install 'packager[{EXTRAS[framework]}]'") from exc
+                              fix=f"pip install 'packager[{FRAMEWORKS[framework].extra}]'") from exc
 
 
 def detect_framework(source: Any) -> str:
@@ -107,16 +159,18 @@ def detect_framework(source: Any) -> str:
 
     if isinstance(source, (str, Path)):
         path = Path(source)
+        missing = []
         for name in FRAMEWORKS:
             try:
                 if exporter(name).claims(path):
                     return name
             except DependencyError:
-                continue
+                missing.append(name)
+        install = "; ".join(f"{n} is not installed here (pip install 'packager[{FRAMEWORKS[n].extra}]')" for n in missing)
         raise SourceError(str(path), "is not a model save packager recognises",
                           expected=".pt/.pth/.pt2 (torch), .keras/.h5/SavedModel (tensorflow), "
                           ".pdparams/.pdmodel/.json (paddle)", got=path.suffix or "a folder",
-                          fix="pass --framework to say which framework saved it")
+                          fix="pass --framework to say which framework saved it" + (f"; {install}" if install else ""))
     module = type(source).__module__.split(".")[0]
     for name in FRAMEWORKS:
         try:
@@ -164,7 +218,8 @@ def bind_by_name(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> tuple[dic
     unknown = [name for name in feeds if name not in params]
     if unknown and not loaded.extra.get("var_keyword"):
         what = "the model's inputs" if loaded.framework == "tensorflow" else "forward()'s parameters"
-        raise UsageError(f"example inputs {unknown}", f"are not named like the model's inputs ({what})",
+        raise UsageError(f"example inputs {unknown}", "are not named like the model's inputs"
+                         + ("" if loaded.framework == "tensorflow" else f" ({what})"),
                          expected=params, got=list(feeds),
                          fix=f"name the example arrays (and --input-spec) after {what}")
     order = [name for name in params if name in feeds] + unknown

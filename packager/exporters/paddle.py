@@ -19,7 +19,6 @@ paddle is imported inside functions only: this module is imported to ask ``claim
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -35,10 +34,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from pydantic import Field
 
+from packager.exporters._checkpoint import find_state
 from packager.errors import ExportError, SourceError, TrustRequiredError, UsageError
-from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions, forward_parameters
+from packager.exporters import (ArtifactSpec, ExportContext, ExporterOptions, LoadedModel, SourceOptions,
+                                forward_parameters, parse_exporter_options)
 from packager.exporters._onnx import name_dynamic_dims
+from runtimes._paddle import first_line, flatten
 
 FRAMEWORK = "paddle"
 FORMATS = ("paddle_inference", "paddle_legacy", "paddle_static", "onnx")
@@ -46,6 +49,15 @@ DEFAULT_FORMATS = ("paddle_inference", "onnx")
 DEFAULT_OPSET = 13
 #: The other opset tried when a conversion fails at the requested one.
 ALT_OPSETS = (17, 11)
+
+
+class Options(ExporterOptions):
+    """Options of the paddle exporter (``--option KEY=VALUE``)."""
+
+    #: Seconds per paddle2onnx attempt; a hung converter is killed.
+    paddle2onnx_timeout: float = Field(600.0, gt=0)
+
+
 PICKLE_SUFFIXES = (".pdparams", ".pdopt", ".pdckpt", ".pkl", ".pickle")
 #: Keys under which training scripts commonly keep the weights in a checkpoint dict.
 STATE_KEYS = ("model_state_dict", "state_dict", "model_state", "model", "net", "network", "params", "weights",
@@ -129,7 +141,8 @@ def _load_weights_source(path: Path, options: SourceOptions) -> LoadedModel:
     if _is_state_dict(obj):
         state, key, kind = _clean_state(obj), None, "paddle_model_save" if optimizer.is_file() else "state_dict"
     elif isinstance(obj, dict):
-        state, key = _find_state(obj, path, options.state_key)
+        state, key = find_state(obj, path, options.state_key, keys=STATE_KEYS, is_state_dict=_is_state_dict,
+                                clean=_clean_state, values="array")
         kind = "checkpoint"
     else:
         raise SourceError(str(path), "holds neither a state_dict nor a checkpoint dict",
@@ -197,27 +210,6 @@ def _clean_state(obj: dict) -> dict[str, np.ndarray]:
     return {str(k): _as_array(v) for k, v in obj.items() if k not in _BOOKKEEPING}  # type: ignore[misc]
 
 
-def _find_state(ckpt: dict, path: Path, state_key: str | None) -> tuple[dict[str, np.ndarray], str]:
-    if state_key is not None:
-        node: Any = ckpt
-        for part in state_key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise SourceError(f"checkpoint {str(path)!r}", f"has no key {state_key!r}", expected=state_key,
-                                  got=sorted(map(str, ckpt)), fix="pass a --state-key it has")
-            node = node[part]
-        if not _is_state_dict(node):
-            raise SourceError(f"checkpoint key {state_key!r}", "does not hold a state_dict (name -> array)",
-                              got=type(node).__name__, fix="pass the key of the model weights")
-        return _clean_state(node), state_key
-    for key in STATE_KEYS:
-        if _is_state_dict(ckpt.get(key)):
-            return _clean_state(ckpt[key]), key
-    candidates = [k for k, v in ckpt.items() if _is_state_dict(v) and "opt" not in str(k).lower()]
-    if len(candidates) == 1:
-        return _clean_state(ckpt[candidates[0]]), str(candidates[0])
-    raise SourceError(f"checkpoint {str(path)!r}", "holds no unambiguous model state_dict",
-                      expected=f"one of the keys {list(STATE_KEYS)}", got=sorted(map(str, ckpt)),
-                      fix="pass --state-key KEY naming the model weights")
 
 
 def _build(options: SourceOptions, path: Path) -> Any:
@@ -318,18 +310,13 @@ def _run_eager(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> list[np.nda
         output = loaded.model(**dict(zip(feeds, tensors))) if loaded.input_names else loaded.model(*tensors)
     if isinstance(output, dict) and loaded.output_names is None:
         loaded.output_names = [str(k) for k in output]
-    return [np.asarray(t.numpy()) for t in _flatten(output)]
-
-
-def _flatten(output: Any) -> list[Any]:
-    if isinstance(output, dict):
-        return [t for v in output.values() for t in _flatten(v)]
-    if isinstance(output, (list, tuple)):
-        return [t for v in output for t in _flatten(v)]
-    if not hasattr(output, "numpy"):
+    leaves = flatten(output)
+    if not all(hasattr(t, "numpy") for t in leaves):
         raise ExportError("model output", "is not a tensor, tuple, list or dict of tensors",
-                          got=type(output).__name__)
-    return [output]
+                          got=", ".join(sorted({type(t).__name__ for t in leaves})))
+    return [np.asarray(t.numpy()) for t in leaves]
+
+
 
 
 # --- formats -----------------------------------------------------------------------------
@@ -379,7 +366,7 @@ def _jit_save(loaded: LoadedModel, ctx: ExportContext, prefix: Path, legacy: boo
     try:
         _logged(ctx, "paddle.jit.save", save)
     except Exception as exc:
-        raise ExportError("paddle.jit.save", f"failed to trace the Layer: {_first_line(exc)}",
+        raise ExportError("paddle.jit.save", f"failed to trace the Layer: {first_line(exc)}",
                           fix="check --input-spec (shapes, dtypes) and that forward() is convertible by "
                               "paddle.jit.to_static", details="\n".join(ctx.log[-3:])) from None
     finally:
@@ -526,7 +513,7 @@ def resave(files: Any, prefix: Path, target: str, ctx: ExportContext | None = No
                 work()
     except Exception as exc:
         raise ExportError(f"Paddle program {str(files.model)!r}", f"re-saving it through paddlepaddle "
-                          f"{paddle.__version__} failed (step: {step}): {_first_line(exc)}",
+                          f"{paddle.__version__} failed (step: {step}): {first_line(exc)}",
                           fix="re-export the model from its dygraph Layer (.pdparams + --builder) instead",
                           details="\n".join(ctx.log[-2:]) if ctx else None) from None
 
@@ -541,13 +528,6 @@ def _ort_node(exc: BaseException) -> str | None:
     return f"node {next(g for g in found.groups() if g)}" if found else None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("-", "C++ Traceback", "Error Message Summary", "[Hint")):
-            return f"{type(exc).__name__}: {line[:300]}"
-    return type(exc).__name__
 
 
 # --- ONNX --------------------------------------------------------------------------------
@@ -673,7 +653,7 @@ def _onnx(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
     opset = ctx.opset or DEFAULT_OPSET
     alt = next(o for o in ALT_OPSETS if o != opset)
     # --option paddle2onnx_timeout=SECONDS: per attempt; a hung converter is killed.
-    timeout = float(ctx.options.get("paddle2onnx_timeout", 600))
+    timeout = parse_exporter_options(FRAMEWORK, Options, ctx.options).paddle2onnx_timeout  # type: ignore[attr-defined]
     target = dest / "model.onnx"
     reference = None
     with tempfile.TemporaryDirectory(prefix="packager-p2o-") as tmp_name:
@@ -820,7 +800,7 @@ def _check_onnx(attempt: Attempt, ctx: ExportContext, reference: list[np.ndarray
         session = ort.InferenceSession(str(attempt.onnx_path), sess_options=options,
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:
-        attempt.reason = _first_line(exc)
+        attempt.reason = first_line(exc)
         attempt.node = _ort_node(exc)
         return
     attempt.step = "run"
@@ -828,7 +808,7 @@ def _check_onnx(attempt: Attempt, ctx: ExportContext, reference: list[np.ndarray
         names = [o.name for o in session.get_outputs()]
         got = dict(zip(names, session.run(names, ctx.example_inputs)))
     except Exception as exc:
-        attempt.reason = _first_line(exc)
+        attempt.reason = first_line(exc)
         attempt.node = _ort_node(exc)
         return
     attempt.step = "compare"

@@ -16,12 +16,14 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from packager.exporters._checkpoint import find_state
 from packager.errors import ExportError, SourceError, TrustRequiredError, UsageError
-from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions, forward_parameters
+from packager.exporters import (ArtifactSpec, ExportContext, ExporterOptions, LoadedModel, SourceOptions,
+                                forward_parameters, parse_exporter_options)
 from packager.exporters._onnx import name_dynamic_dims
 from runtimes._torch import flatten
 
@@ -30,6 +32,21 @@ FORMATS = ("torchscript", "onnx", "torch_export")
 DEFAULT_FORMATS = FORMATS
 DEFAULT_OPSET = 18
 SUFFIXES = (".pt", ".pth", ".pt2", ".bin", ".ckpt", ".tar")
+
+
+class Options(ExporterOptions):
+    """Options of the torch exporter (``--option KEY=VALUE``; ``--torchscript-mode``)."""
+
+    #: How the torchscript artifact is made: ``torch.jit.trace`` or ``torch.jit.script``.
+    torchscript_mode: Literal["trace", "script"] = "trace"
+    #: ``torch.jit.freeze`` the TorchScript module (weights inlined as constants).
+    torchscript_freeze: bool = False
+
+
+def _options(ctx: ExportContext) -> Options:
+    return parse_exporter_options(FRAMEWORK, Options, ctx.options)  # type: ignore[return-value]
+
+
 #: Keys under which training scripts commonly keep the weights in a checkpoint dict.
 STATE_KEYS = ("model_state_dict", "state_dict", "model_state", "model", "net", "weights", "ema_state_dict")
 
@@ -101,27 +118,6 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _find_state(ckpt: dict, path: Path, state_key: str | None) -> tuple[dict, str]:
-    if state_key is not None:
-        node: Any = ckpt
-        for part in state_key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise SourceError(f"checkpoint {str(path)!r}", f"has no key {state_key!r}",
-                                  expected=state_key, got=sorted(map(str, ckpt)), fix="pass a --state-key it has")
-            node = node[part]
-        if not _is_state_dict(node):
-            raise SourceError(f"checkpoint key {state_key!r}", "does not hold a state_dict (name -> tensor)",
-                              got=type(node).__name__)
-        return node, state_key
-    for key in STATE_KEYS:
-        if _is_state_dict(ckpt.get(key)):
-            return ckpt[key], key
-    candidates = [k for k, v in ckpt.items() if _is_state_dict(v) and "optim" not in str(k).lower()]
-    if len(candidates) == 1:
-        return ckpt[candidates[0]], candidates[0]
-    raise SourceError(f"checkpoint {str(path)!r}", "holds no unambiguous model state_dict",
-                      expected=f"one of the keys {list(STATE_KEYS)}", got=sorted(map(str, ckpt)),
-                      fix="pass --state-key KEY naming the model weights")
 
 
 def _load_weights(model: Any, state: dict, subject: str) -> None:
@@ -222,7 +218,7 @@ def load_source(source: Any, options: SourceOptions) -> LoadedModel:
         _load_weights(model, obj, f"state_dict {str(path)!r}")
         return _loaded(model, "state_dict", str(path), options.builder)
     if isinstance(obj, dict):
-        state, key = _find_state(obj, path, options.state_key)
+        state, key = find_state(obj, path, options.state_key, keys=STATE_KEYS, is_state_dict=_is_state_dict)
         model = _build(options, path)
         _load_weights(model, state, f"checkpoint {str(path)!r} key {key!r}")
         loaded = _loaded(model, "checkpoint", str(path), options.builder)
@@ -327,9 +323,8 @@ def export_format(fmt: str, loaded: LoadedModel, ctx: ExportContext, dest: Path)
 def _torchscript(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
     import torch
 
-    mode = ctx.options.get("torchscript_mode", "trace")
-    if mode not in ("trace", "script"):
-        raise UsageError("torchscript mode", "is unknown", expected="trace or script", got=mode)
+    options = _options(ctx)
+    mode = options.torchscript_mode
     if loaded.kind == "torchscript":
         module = loaded.model
     elif mode == "script":
@@ -346,7 +341,7 @@ def _torchscript(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> Artifac
     else:
         module = torch.jit.trace(_traceable(loaded, ctx), _tensors(loaded, ctx.example_inputs), check_trace=False,
                                  strict=False)
-    module = torch.jit.freeze(module) if ctx.options.get("torchscript_freeze") else module
+    module = torch.jit.freeze(module.eval()) if options.torchscript_freeze else module
     target = dest / "model.pt"
     torch.jit.save(module, str(target))
     return ArtifactSpec(path=f"{dest.name}/model.pt", options={"mode": mode if loaded.kind != "torchscript" else "as-is"})

@@ -22,12 +22,13 @@ import re
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 
 from packager.errors import ExportError, SourceError, TrustRequiredError, UsageError
-from packager.exporters import ArtifactSpec, ExportContext, LoadedModel, SourceOptions
+from packager.exporters import (ArtifactSpec, ExportContext, ExporterOptions, LoadedModel, SourceOptions,
+                                parse_exporter_options)
 from packager.exporters._onnx import name_dynamic_dims
 from packager.signature import BATCH, Signature, TensorSpec, dtype_name
 
@@ -42,6 +43,18 @@ DEFAULT_SIGNATURE = "serving_default"
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 #: Files ModelCheckpoint writes (full model, legacy HDF5, weights only).
 CHECKPOINT_GLOBS = ("*.keras", "*.h5", "*.hdf5")
+
+
+class Options(ExporterOptions):
+    """Options of the tensorflow exporter (``--option KEY=VALUE``): which file of a
+    ModelCheckpoint folder to export."""
+
+    #: Metric in the checkpoint file names that decides (``val_loss``); None: the newest file.
+    monitor: str | None = None
+    #: Whether a lower (min) or higher (max) ``monitor`` is better (default: max for
+    #: acc/auc/f1 metrics, else min).
+    mode: Literal["min", "max"] | None = None
+
 
 log = logging.getLogger("packager.tensorflow")
 
@@ -266,7 +279,8 @@ def _pick_checkpoint(folder: Path, options: SourceOptions) -> tuple[Path, str]:
         raise SourceError(str(folder), "is neither a SavedModel nor a folder with ModelCheckpoint files",
                           expected="saved_model.pb, or *.keras / *.h5 / *.weights.h5 files", got="none of them",
                           fix="point at the SavedModel folder or at one checkpoint file")
-    monitor = options.extra.get("monitor")
+    picked = parse_exporter_options(FRAMEWORK, Options, options.extra)
+    monitor = picked.monitor  # type: ignore[attr-defined]
     if monitor:
         pattern = re.compile(re.escape(str(monitor)) + r"[=_:-]?" + _NUMBER)
         scored = []
@@ -278,7 +292,7 @@ def _pick_checkpoint(folder: Path, options: SourceOptions) -> tuple[Path, str]:
             raise SourceError(str(folder), f"has no checkpoint file whose name carries {monitor!r}",
                               expected=f"names like 'ckpt-{{epoch:02d}}-{{{monitor}:.4f}}.keras'",
                               got=[f.name for f in files[:5]], fix="drop --option monitor=..., or point at one file")
-        mode = options.extra.get("mode") or ("max" if any(k in str(monitor) for k in ("acc", "auc", "f1")) else "min")
+        mode = picked.mode or ("max" if any(k in str(monitor) for k in ("acc", "auc", "f1")) else "min")
         if mode not in ("min", "max"):
             raise UsageError("--option mode", "is unknown", expected="min or max", got=mode)
         value, best = (max if mode == "max" else min)(scored, key=lambda item: item[0])
@@ -568,8 +582,8 @@ class _LogCapture(logging.Handler):
 def _onnx(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
     from packager.errors import require
 
-    tf2onnx = require("tf2onnx", extra="tensorflow", purpose="convert TensorFlow models to ONNX")
-    onnx = require("onnx", extra="onnx", purpose="check ONNX models")
+    tf2onnx = require("tf2onnx", purpose="convert TensorFlow models to ONNX")
+    onnx = require("onnx", purpose="check ONNX models")
     opset = int(ctx.opset or DEFAULT_OPSET)
     supported = sorted(getattr(importlib.import_module("tf2onnx.constants"), "OPSET_TO_IR_VERSION", {}) or [18])
     if not MIN_OPSET <= opset <= supported[-1]:
@@ -644,7 +658,7 @@ def _rename_onnx(model: Any, ctx: ExportContext, specs: dict[str, Any]) -> None:
 def _ort_loads(target: Path) -> None:
     from packager.errors import require
 
-    ort = require("onnxruntime", extra="onnx", purpose="check that the ONNX model loads")
+    ort = require("onnxruntime", purpose="check that the ONNX model loads")
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 3

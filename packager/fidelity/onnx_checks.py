@@ -47,7 +47,7 @@ def ort_support() -> tuple[int, int]:
 def load_graph(path: str | Path, data: bytes | bytearray | None = None) -> Any:
     """The ONNX model without external weights (enough for contract and version checks),
     parsed from ``data`` when the file's content is already in memory."""
-    onnx = require("onnx", extra="onnx", purpose="check ONNX artifacts")
+    onnx = require("onnx", purpose="check ONNX artifacts")
     if data is not None:
         model = onnx.ModelProto()
         model.ParseFromString(data)  # takes any buffer (onnx.load_model_from_string wants bytes)
@@ -106,7 +106,7 @@ def structural_checks(path: str | Path, graph: LightGraph | None = None) -> list
         path: The ONNX file.
         graph: The file as :func:`load_light` parsed it (parsed here when not given).
     """
-    onnx = require("onnx", extra="onnx", purpose="check ONNX artifacts")
+    onnx = require("onnx", purpose="check ONNX artifacts")
     checks: list[Check] = []
     graph = graph if graph is not None else load_light(path)
     model, external, sizes = graph.model, graph.external, graph.size_problems

@@ -37,7 +37,7 @@ def _fmt(value: Any) -> str:
 
 
 def _png(ref: np.ndarray, got: np.ndarray, title: str, atol: float | None, rtol: float | None) -> str:
-    require("matplotlib", extra="report", purpose="draw the plots of the HTML report")
+    require("matplotlib", purpose="draw the plots of the HTML report")
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed, and never a window

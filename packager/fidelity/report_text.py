@@ -5,13 +5,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
+
+from packager.tables import print_table
 
 if TYPE_CHECKING:
     from packager.verifying import VerifyReport
 
 _STYLE = {"pass": "green", "numeric": "red", "contract": "magenta", "runtime": "red"}
+
+
+#: What the columns mean (also in docs/fidelity.md, "Reading the report").
+LEGEND = ("max abs: largest |artifact - reference| of the worst output\n"
+          "min atol: the smallest atol that would have passed with the rtol used\n"
+          "tol use: max |err| / (atol + rtol x max|ref|); 1 = edge of failing, near > 0.5")
 
 
 def _g(value: float | None) -> str:
@@ -20,9 +27,7 @@ def _g(value: float | None) -> str:
 
 def print_report(report: "VerifyReport", console: Console, title: str | None = None) -> None:
     """Print the matrix, then every failing case and the notes."""
-    table = Table(title=title or f"verify {report.package}")
-    for col in ("cell", "verdict", "worst output @ case", "max abs", "min atol", "tol use", "cases"):
-        table.add_column(col, overflow="fold")
+    rows = []
     for row in report.rows:
         style = _STYLE.get(row.verdict, "red")
         verdict = Text.assemble((row.verdict.upper(), style), (" (near)", "yellow") if row.passed and row.near_fail else "")
@@ -30,12 +35,14 @@ def print_report(report: "VerifyReport", console: Console, title: str | None = N
         passed = sum(c.passed for c in row.cases)
         cell = row.format if row.runtime == row.format else f"{row.format} ({row.runtime})"
         # Text cells: output names, paths and messages are printed as they are, never as markup.
-        table.add_row(Text(f"{cell} {row.device}"), verdict,
-                      Text(f"{worst.output} @ {worst.case}" if worst else "load failed" if row.error else ""),
-                      _g(worst.max_abs if worst else None), _g(worst.min_atol if worst else None),
-                      _g(worst.tolerance_use if worst else None),
-                      f"{passed}/{len(row.cases)}")
-    console.print(table)
+        rows.append([Text(f"{cell} {row.device}"), verdict,
+                     Text(f"{worst.output} @ {worst.case}" if worst else "load failed" if row.error else ""),
+                     _g(worst.max_abs if worst else None), _g(worst.min_atol if worst else None),
+                     _g(worst.tolerance_use if worst else None), f"{passed}/{len(row.cases)}"])
+    print_table(console, title or f"verify {report.package}",
+                ("cell", "verdict", "worst output @ case", "max abs", "min atol", "tol use", "cases"), rows,
+                right=("max abs", "min atol", "tol use", "cases"))
+    console.print(Text(LEGEND, style="dim"), highlight=False, soft_wrap=False)
     for row in report.rows:
         cell = f"{row.format}/{row.runtime}/{row.device}"
         if row.error:

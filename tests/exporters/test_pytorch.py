@@ -254,3 +254,40 @@ def test_batch_of_one_example_is_widened(tmp_path, mlp):
     for fmt in ("onnx", "torch_export"):
         with runtimes.load(result.path, format=fmt) as runner:
             np.testing.assert_allclose(runner.run({"x": x})["output"], _eager(model, x), atol=1e-5, rtol=1e-5)
+
+
+class _Recurrent(torch.nn.Module):
+    """batch_first LSTM/GRU over a dynamic ``seq`` with a per-step head."""
+
+    def __init__(self, cell: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = getattr(torch.nn, cell)(4, 6, batch_first=True)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_rnn_onnx_declares_the_measured_dynamic_seq_axis(tmp_path, cell):
+    """The dynamo exporter declares the output's seq axis as the example's 8; running proves it
+    dynamic, so the graph must say so, and verify must not report a contract mismatch (issue 11)."""
+    import onnx
+
+    model = _Recurrent(cell).eval()
+    x = np.random.default_rng(0).standard_normal((2, 8, 4)).astype(np.float32)
+    pkg = packager.export(model, {"x": x}, out=tmp_path / "pkg", formats=["onnx"],
+                          input_spec=["x:float32[batch,seq=1..64,4]"]).path
+    graph = onnx.load(pkg / "onnx" / "model.onnx").graph
+    assert [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == ["batch", "seq", 3]
+    report = packager.verify(pkg, sweep=True)
+    assert report.exit_code == 0, [(r.contract, r.worst) for r in report.rows]
+    with runtimes.load(pkg) as runner:
+        for seq in (1, 50):
+            feed = np.random.default_rng(seq).standard_normal((3, seq, 4)).astype(np.float32)
+            with torch.no_grad():
+                ref = model(torch.from_numpy(feed)).numpy()
+            got = runner.run({"x": feed})["output"]
+            assert got.shape == (3, seq, 3) and np.max(np.abs(got - ref)) < 1e-5

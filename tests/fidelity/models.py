@@ -216,3 +216,24 @@ def fp16_rounded(good: nn.Module) -> nn.Module:
         for p in model.parameters():
             p.copy_(p.half().float())
     return model.eval()
+
+
+class TwoInputs(nn.Module):
+    """``forward(a, b)`` over two inputs of the same shape: a positional mix-up keeps every contract."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fa = nn.Linear(6, 3)
+        self.fb = nn.Linear(6, 3)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.fa(a) - 2 * self.fb(b)
+
+
+class InputsSwapped(TwoInputs):
+    """The same weights with the inputs bound the wrong way round (what a positional binding of
+    ``{"b": ..., "a": ...}`` computed)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return super().forward(b, a)

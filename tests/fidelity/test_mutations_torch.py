@@ -156,3 +156,17 @@ def test_no_false_alarm_onnx_torchscript(fid_dir: Path, seed: int) -> None:
 def test_no_false_alarm_all_formats(fid_dir: Path, seed: int) -> None:
     report = packager.verify(_seed_package(fid_dir, seed, TORCH_FORMATS), random=True, seed=seed)
     assert report.passed, [(r.format, r.worst, [c.case for c in r.cases if not c.passed]) for r in report.rows]
+
+
+def test_inputs_bound_in_the_wrong_order(fid_dir: Path, broken) -> None:
+    """Golden data from ``model(**feeds)`` catch an artifact that feeds ``a`` to ``b``."""
+    good_model = M.TwoInputs().eval()
+    rng = np.random.default_rng(0)
+    feeds = {"b": rng.standard_normal((4, 6)).astype(np.float32), "a": rng.standard_normal((4, 6)).astype(np.float32)}
+    good = packager.export(good_model, feeds, out=fid_dir / "two_inputs_good", formats=TORCH_FORMATS).path
+    assert packager.verify(good).exit_code == 0
+    swapped = M.InputsSwapped()
+    swapped.load_state_dict(good_model.state_dict())
+    report = packager.verify(broken("inputs_swapped", good, swapped.eval(), feeds))
+    assert report.exit_code == 1
+    assert verdicts(report) == {f: "numeric" for f in TORCH_FORMATS}

@@ -71,6 +71,14 @@ def test_options_are_applied_and_reported(lenet_models) -> None:
         runner.run({"x": _x(2)})
 
 
+def test_option_strings_parse_by_type(lenet_models) -> None:
+    """``onednn="false"`` (as a CLI or a manifest gives it) turns oneDNN off: not a truthy string."""
+    _, paths = lenet_models
+    with runtimes.load(paths["pir"], runtime="paddle_inference", onednn="false", memory_optim="0",
+                       threads="2") as runner:
+        assert runner.notes == ["configuration: CPU, oneDNN off, memory optim off, 2 thread(s)"]
+
+
 def test_refused_configuration_is_retried_and_noted(lenet_models) -> None:
     """Paddle 3.x refuses memory optimisation on a PIR program with the old executor (a real
     Paddle failure): the runner retries without it and says so."""

@@ -24,3 +24,34 @@ def bert_feeds(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     mask = np.ones((batch, seq), np.int64)
     mask[0, seq - max(1, seq // 3):] = 0  # a padded row
     return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+
+
+def tiny_distilbert(seed: int = 0):
+    """A small DistilBertModel (no token types: ``input_ids, attention_mask``)."""
+    import torch
+    from transformers import DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(seed)
+    cfg = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64)
+    return DistilBertModel(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    """A small GPT2Model without a KV cache (``use_cache=False``: the outputs are the hidden states)."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, use_cache=False)
+    return GPT2Model(cfg).eval()
+
+
+def tiny_vit(seed: int = 0):
+    """A small ViTModel over 32x32 RGB images (patches of 8)."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=64)
+    return ViTModel(cfg, add_pooling_layer=False).eval()

@@ -1,0 +1,163 @@
+"""The one registry of frameworks, runtimes and artifact formats.
+
+Every other table (which runner loads a format, which artifact a package runs by default,
+which artifact is the live reference, which distribution a manifest version refers to,
+which pip extra fixes a missing import) is derived from the records below. Adding a runtime
+is one :class:`RuntimeRecord` plus one runner module under ``runtimes/``;
+``tests/test_registry.py`` checks the records against ``pyproject.toml``'s extras and
+against every runner class.
+
+This module imports nothing but the standard library: ``packager --help`` and the runtime
+layer read it without importing a framework.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+#: Devices a runner may be asked for ("cuda" covers "cuda:N").
+DeviceKind = Literal["cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class FrameworkRecord:
+    """A training framework packager exports from."""
+
+    name: str
+    #: Exporter module (``packager.exporters.<module>``), imported when a model of it is exported.
+    exporter: str
+    #: Importable module whose presence means the framework is installed.
+    module: str
+    #: Installed distribution that carries its version.
+    distribution: str
+    #: pip extra of packager that installs it.
+    extra: str
+
+
+@dataclass(frozen=True)
+class RuntimeRecord:
+    """A runtime that loads artifacts: one runner class under ``runtimes/``."""
+
+    name: str
+    #: ``"module:Class"`` of the runner (imported lazily).
+    runner: str
+    #: Formats it loads (its runner class reads them from here).
+    formats: tuple[str, ...]
+    #: Importable module it needs.
+    module: str
+    #: Distribution whose version the manifest records for it.
+    distribution: str
+    #: pip extra that installs it; ``None``: a core dependency (``pip install packager``).
+    extra: str | None
+    #: Whether one runner instance may be called from several threads at once.
+    thread_safe: bool
+    devices: tuple[DeviceKind, ...] = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class FormatRecord:
+    """An artifact format a package may hold."""
+
+    name: str
+    #: File suffixes of a bare artifact of this format (lower case).
+    suffixes: tuple[str, ...]
+    #: ``"native"``: the framework's own runtime executes the traced graph (TorchScript,
+    #: torch.export, SavedModel); ``"converted"``: another runtime runs a translation (ONNX,
+    #: Paddle programs), judged with the wider tolerance (packager/fidelity/judge.py).
+    conversion: Literal["native", "converted"]
+    #: Rank as the live reference of ``verify`` when no eager model is at hand (0: closest to
+    #: eager); ONNX last, since it is what is usually being checked.
+    reference_rank: int
+
+
+#: Frameworks, in detection order.
+FRAMEWORKS: dict[str, FrameworkRecord] = {r.name: r for r in (
+    FrameworkRecord("torch", "packager.exporters.pytorch", "torch", "torch", "torch"),
+    FrameworkRecord("tensorflow", "packager.exporters.tensorflow", "tensorflow", "tensorflow", "tensorflow"),
+    FrameworkRecord("paddle", "packager.exporters.paddle", "paddle", "paddlepaddle", "paddle"),
+)}
+
+#: Runtimes; for a format with several, the first listed is the default.
+RUNTIMES: dict[str, RuntimeRecord] = {r.name: r for r in (
+    RuntimeRecord("onnxruntime", "runtimes.onnxruntime:OnnxRuntimeRunner", ("onnx",), "onnxruntime",
+                  "onnxruntime", None, thread_safe=True),  # InferenceSession.run is documented thread-safe
+    RuntimeRecord("torchscript", "runtimes.torchscript:TorchScriptRunner", ("torchscript",), "torch", "torch",
+                  "torch", thread_safe=True),  # loaded modules keep no per-call state (test_concurrency.py)
+    RuntimeRecord("torch_export", "runtimes.torch_export:TorchExportRunner", ("torch_export",), "torch", "torch",
+                  "torch", thread_safe=True),
+    RuntimeRecord("tensorflow", "runtimes.tensorflow:TensorFlowRunner", ("saved_model",), "tensorflow",
+                  "tensorflow", "tensorflow", thread_safe=True),  # concrete functions are re-entrant
+    # A predictor is not re-entrant; thread_mode="clone" makes one per thread (instance-level).
+    RuntimeRecord("paddle_inference", "runtimes.paddle_inference:PaddleInferenceRunner",
+                  ("paddle_inference", "paddle_legacy", "paddle_static"), "paddle", "paddlepaddle", "paddle",
+                  thread_safe=False),
+    RuntimeRecord("paddle_jit", "runtimes.paddle_jit:PaddleJitRunner", ("paddle_inference",), "paddle",
+                  "paddlepaddle", "paddle", thread_safe=False),
+)}
+
+#: Formats, in the order a package picks its artifact when none is asked for (ONNX first:
+#: the lightest runtime, a core dependency).
+FORMATS: dict[str, FormatRecord] = {r.name: r for r in (
+    FormatRecord("onnx", (".onnx",), "converted", reference_rank=6),
+    FormatRecord("torchscript", (".pt", ".pth", ".jit", ".ts", ".torchscript"), "native", reference_rank=0),
+    FormatRecord("torch_export", (".pt2",), "native", reference_rank=1),
+    FormatRecord("saved_model", (), "native", reference_rank=2),  # a folder with saved_model.pb
+    FormatRecord("paddle_inference", (".json", ".pdiparams"), "converted", reference_rank=3),
+    FormatRecord("paddle_static", (), "converted", reference_rank=4),
+    FormatRecord("paddle_legacy", (".pdmodel",), "converted", reference_rank=5),
+)}
+
+#: Importable module -> pip extra that installs it (None: a core dependency). What
+#: :func:`packager.errors.require` tells users to install.
+MODULE_EXTRAS: dict[str, str | None] = {
+    "numpy": None, "pydantic": None, "onnx": None, "onnxruntime": None,
+    "torch": "torch", "onnxscript": "torch",
+    "tensorflow": "tensorflow", "keras": "tensorflow", "tf2onnx": "tensorflow",
+    "paddle": "paddle", "paddle2onnx": "paddle", "onnx_graphsurgeon": "paddle", "polygraphy": "paddle",
+    "pyarrow": "data", "ray": "ray", "matplotlib": "report", "model_signing": "sign",
+}
+
+#: Distribution of each importable module whose name differs from it.
+MODULE_DISTRIBUTIONS: dict[str, str] = {"paddle": "paddlepaddle", "onnx_graphsurgeon": "onnx-graphsurgeon",
+                                        "model_signing": "model-signing"}
+
+
+# --- derived tables --------------------------------------------------------------------
+def format_runtimes(fmt: str) -> tuple[str, ...]:
+    """Runtimes that load ``fmt``, default first (empty for an unknown format)."""
+    return tuple(r.name for r in RUNTIMES.values() if fmt in r.formats)
+
+
+#: format -> runtimes that load it, default first.
+FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {f: format_runtimes(f) for f in FORMATS}
+#: Which artifact a package runs when no format is asked for.
+FORMAT_PREFERENCE: tuple[str, ...] = tuple(FORMATS)
+#: Which artifact serves as the live reference, closest to eager first.
+REFERENCE_PREFERENCE: tuple[str, ...] = tuple(sorted(FORMATS, key=lambda f: FORMATS[f].reference_rank))
+#: Formats the framework's own runtime executes.
+NATIVE_FORMATS: frozenset[str] = frozenset(f for f, r in FORMATS.items() if r.conversion == "native")
+#: bare-artifact suffix -> format.
+SUFFIX_FORMATS: dict[str, str] = {s: f for f, r in FORMATS.items() for s in r.suffixes}
+
+
+def extra_of(module: str) -> str | None:
+    """The pip extra that installs an importable module (top-level name), None for a core one."""
+    return MODULE_EXTRAS.get(module.split(".")[0])
+
+
+def install_fix(module: str) -> str:
+    """The command that installs ``module``, for error messages."""
+    extra = extra_of(module)
+    if extra is None and module.split(".")[0] in MODULE_EXTRAS:
+        return f"pip install --force-reinstall packager ({module} is a core dependency that is missing or broken)"
+    return f"pip install 'packager[{extra}]'" if extra else f"pip install {module}"
+
+
+def distribution_of(key: str) -> str:
+    """Distribution that carries the version of a ``manifest.versions`` key (framework or runtime)."""
+    if key in RUNTIMES:
+        return RUNTIMES[key].distribution
+    if key in FRAMEWORKS:
+        return FRAMEWORKS[key].distribution
+    return MODULE_DISTRIBUTIONS.get(key, key)
