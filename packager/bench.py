@@ -71,7 +71,8 @@ class BenchReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"package": self.package, "manifest_sha256": self.manifest_sha256, "host": self.host,
-                "rows": [{**asdict(r), "unstable": r.unstable} for r in self.rows], "fastest": self.fastest, "record_path": self.record_path}
+                "rows": [{**asdict(r), "unstable": r.unstable} for r in self.rows], "fastest": self.fastest,
+                "record_path": self.record_path}
 
 
 def cache_dir() -> Path:

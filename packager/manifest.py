@@ -217,13 +217,9 @@ def load_manifest(package_dir: str | Path) -> Manifest:
                             got=f"{path.stat().st_size} bytes")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        return parse_manifest(data, origin=str(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(str(path), f"is not valid JSON ({exc})", fix="re-export the package") from None
-    except RecursionError:  # "[[[[..." : a manifest packager wrote nests a few levels deep
-        raise ManifestError(str(path), "is nested too deeply to be a manifest",
-                            fix="re-export the package; a manifest from an untrusted source may be an attack") from None
-    try:
-        return parse_manifest(data, origin=str(path))
-    except RecursionError:
+    except RecursionError:  # "[[[[...": decoding or validating; a manifest packager wrote nests a few levels
         raise ManifestError(str(path), "is nested too deeply to be a manifest",
                             fix="re-export the package; a manifest from an untrusted source may be an attack") from None

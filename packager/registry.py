@@ -124,13 +124,9 @@ MODULE_DISTRIBUTIONS: dict[str, str] = {"paddle": "paddlepaddle", "onnx_graphsur
 
 
 # --- derived tables --------------------------------------------------------------------
-def format_runtimes(fmt: str) -> tuple[str, ...]:
-    """Runtimes that load ``fmt``, default first (empty for an unknown format)."""
-    return tuple(r.name for r in RUNTIMES.values() if fmt in r.formats)
-
-
 #: format -> runtimes that load it, default first.
-FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {f: format_runtimes(f) for f in FORMATS}
+FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
+    f: tuple(r.name for r in RUNTIMES.values() if f in r.formats) for f in FORMATS}
 #: Which artifact a package runs when no format is asked for.
 FORMAT_PREFERENCE: tuple[str, ...] = tuple(FORMATS)
 #: Which artifact serves as the live reference, closest to eager first.

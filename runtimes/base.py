@@ -8,7 +8,6 @@ override ``_load``, ``_run``, ``_close`` and (for bare artifacts) ``_native_sign
 from __future__ import annotations
 
 import threading
-import typing
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
@@ -16,20 +15,17 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
 from packager.errors import RuntimeLoadError, UsageError
+from packager.options import TypedOptions, parse_options
 from packager.registry import RUNTIMES, DeviceKind
 from packager.signature import Signature, TensorSpec
 from runtimes.device import Device, parse_device
 from runtimes.feeds import FeedValidator
 
 
-class RunnerOptions(BaseModel):
+class RunnerOptions(TypedOptions):
     """A runner's options, declared with types: ``"false"`` parses as False, ``"lots"`` threads
     is an error naming the option, an unknown option is refused (a typo must not be ignored)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Runner(ABC):
@@ -153,15 +149,8 @@ class Runner(ABC):
         Raises:
             UsageError: An unknown option or a value of the wrong type (exit 2).
         """
-        try:
-            return cls.Options.model_validate(dict(options))
-        except ValidationError as exc:
-            problems = "; ".join(_option_problem(e) for e in exc.errors())
-            fields = cls.Options.model_fields
-            accepted = ", ".join(f"{k} ({_type_name(f.annotation)})" for k, f in fields.items()) or "none"
-            raise UsageError(f"{cls.runtime} runner options{origin}", f"are not valid: {problems}",
-                             expected=f"options {accepted}", got=dict(options),
-                             fix="fix or drop the option") from None
+        return parse_options(cls.Options, options, subject=f"{cls.runtime} runner options{origin}",
+                             owner="this runtime")
 
     # --- backend hooks ------------------------------------------------------------------
     @abstractmethod
@@ -207,15 +196,3 @@ def manifest_options(artifact: Any, runner: type[Runner]) -> dict[str, Any]:
                             fix="re-export the package, or fix options.runner in manifest.json") from None
     return options
 
-
-def _option_problem(error: Mapping[str, Any]) -> str:
-    name = ".".join(str(p) for p in error.get("loc", ())) or "options"
-    if error.get("type") == "extra_forbidden":
-        return f"{name!r} is not an option of this runtime"
-    return f"{name!r}: {error.get('msg', 'invalid')} (got {error.get('input')!r})"
-
-
-def _type_name(annotation: Any) -> str:
-    if typing.get_origin(annotation) is typing.Literal:
-        return "|".join(str(a) for a in typing.get_args(annotation))
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

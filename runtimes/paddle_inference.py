@@ -23,9 +23,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Literal
 
-from pydantic import PositiveInt
-
 import numpy as np
+from pydantic import PositiveInt
 
 from packager.errors import RuntimeLoadError
 from packager.signature import Signature

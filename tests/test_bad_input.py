@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import runtimes
-from packager.errors import ExitCode, ManifestError, UsageError
+from packager.errors import ManifestError, UsageError
 from packager.manifest import MANIFEST_NAME
 from tests._integrity import copy_package, rehash
 from tests.conftest import run_cli

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The package-format core: what a deployment host needs to read and check a package.
 CORE = {"packager.errors", "packager.signature", "packager.manifest", "packager.package",
         "packager.digests", "packager.versions", "packager.registry", "packager.archive", "packager.safe_pickle",
-        "packager.signing", "packager.atomic"}
+        "packager.signing", "packager.atomic", "packager.options"}
 
 
 def _name(path: Path) -> str:

@@ -18,32 +18,28 @@ Modules are imported lazily through :data:`FRAMEWORKS`.
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import types
-import typing
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from packager import registry
 from packager.errors import DependencyError, UsageError
+from packager.options import TypedOptions, parse_options
 from packager.signature import Signature
 
 #: Frameworks in detection order (records in packager/registry.py).
 FRAMEWORKS = registry.FRAMEWORKS
 
 
-class ExporterOptions(BaseModel):
+class ExporterOptions(TypedOptions):
     """A framework exporter's options, declared with types: values given as strings (``--option
     torchscript_freeze=false``) parse by the declared type, a bad value is an error naming the
     option, and an unknown option is refused (a typo must not be ignored)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def parse_exporter_options(framework: str, declared: type[ExporterOptions],
@@ -54,35 +50,8 @@ def parse_exporter_options(framework: str, declared: type[ExporterOptions],
         UsageError: An unknown option or a value of the wrong type (exit 2), naming the
             accepted options with their types.
     """
-    given = dict(options or {})
-    try:
-        return declared.model_validate(given)
-    except ValidationError as exc:
-        fields = declared.model_fields
-        problems, hints = [], []
-        for error in exc.errors():
-            name = ".".join(str(p) for p in error.get("loc", ())) or "options"
-            if error.get("type") == "extra_forbidden":
-                problems.append(f"{name!r} is not an option of the {framework} exporter")
-                close = difflib.get_close_matches(name, list(fields), n=1)
-                if close:
-                    hints.append(f"spell it {close[0]!r}")
-            else:
-                problems.append(f"{name!r}: {error.get('msg', 'invalid')} (got {error.get('input')!r})")
-        accepted = ", ".join(f"{k} ({_type_name(f.annotation)}, default {f.default!r})"
-                             for k, f in fields.items()) or "none"
-        fix = ", or ".join(hints + ["fix or drop the option"]) + " (--option KEY=VALUE, or options={...} in the API)"
-        raise UsageError(f"{framework} exporter options", f"are not valid: {'; '.join(problems)}",
-                         expected=f"options {accepted}", got=given, fix=fix) from None
-
-
-def _type_name(annotation: Any) -> str:
-    """``bool``, ``trace|script``, ``str | None``: how an option's type reads in a message."""
-    from runtimes.base import _type_name as runner_type_name
-
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) if a is not type(None) else "None" for a in typing.get_args(annotation))
-    return runner_type_name(annotation)
+    return parse_options(declared, options, subject=f"{framework} exporter options", owner=f"the {framework} exporter",
+                         fix_suffix=" (--option KEY=VALUE, or options={...} in the API)")
 
 
 @dataclass
