@@ -521,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         command.main(args=argv, prog_name="packager", standalone_mode=True)
         return 0
     except SystemExit as exc:
+        if exc.code == 130 and _interrupted_by_typer(exc):
+            # typer turns Ctrl-C into a silent exit 130 before it reaches the handler below.
+            err.print("interrupted; nothing was left half-written")
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else int(ExitCode.USAGE))
     except PackagerError as exc:
         return _report(exc, debug)
@@ -536,6 +539,19 @@ def main(argv: list[str] | None = None) -> int:
         err.print(_styled(("internal error", "bold red"), f" {type(exc).__name__}: {exc}. Re-run with --debug and "
                           "report it."))
         return int(ExitCode.INTERNAL)
+
+
+def _interrupted_by_typer(exc: BaseException) -> bool:
+    """Whether ``exc`` is typer's ``Exit(130) from KeyboardInterrupt`` (our own handlers raise
+    ``Exit(130) from None`` after printing their message)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen.__cause__, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False
 
 
 def _hoist_debug(argv: list[str]) -> tuple[list[str], bool]:

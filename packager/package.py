@@ -349,7 +349,14 @@ def replace_dir(src: Path, dest: Path, *, overwrite: bool = True) -> None:
             return
         old = Path(tempfile.mkdtemp(prefix=temp_prefix(dest, "old"), dir=dest.parent))
         os.rename(dest, old / "pkg")
-        os.rename(src, dest)
+        try:
+            os.rename(src, dest)
+        except BaseException:
+            # Put the previous package back before anything cleans up: the caller's temp
+            # folder (and ``old``) must never be the only copy of the last good package.
+            os.rename(old / "pkg", dest)
+            shutil.rmtree(old, ignore_errors=True)
+            raise
         last_replace_method = "rename"
         fsync_path(dest.parent)
         shutil.rmtree(old, ignore_errors=True)

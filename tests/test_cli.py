@@ -336,3 +336,41 @@ def test_output_aliases_work(mlp_onnx_package, saved, tmp_path):
         proc = run_cli("run", str(mlp_onnx_package), "-i", str(tmp_path / "x.npy"), flag, str(tmp_path / name))
         assert proc.returncode == 0, (flag, proc.stderr)
         assert np.load(tmp_path / name)["output"].shape[0] == 3
+
+
+def test_ctrl_c_in_any_command_prints_the_message_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
+    """typer turned Ctrl-C outside `run` into a silent exit 130; the message is documented for
+    every command, and an interrupted export must leave no hidden temp folder."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    torch.save(torch.nn.Linear(4, 2).state_dict(), tmp_path / "w.pt")
+    marker = tmp_path / "building"
+    (tmp_path / "slowbuild.py").write_text(
+        "import pathlib, time, torch\n"
+        "def build():\n"
+        f"    pathlib.Path({str(marker)!r}).write_text('x')\n"
+        "    time.sleep(120)\n"
+        "    return torch.nn.Linear(4, 2)\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "packager", "export", str(tmp_path / "w.pt"), "--builder",
+         f"{tmp_path / 'slowbuild.py'}:build", "--input-spec", "x:float32[batch,4]", "-o", str(tmp_path / "pkg")],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        deadline = time.monotonic() + 90
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the builder was never called"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted; nothing was left half-written" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["building", "slowbuild.py", "w.pt"]

@@ -198,6 +198,18 @@ def test_replace_dir_fallback_without_renameat2(tmp_path: Path, monkeypatch: pyt
     assert (tmp_path / "other" / MANIFEST_NAME).read_text() == "first"
 
 
+def test_replace_dir_fallback_keeps_the_old_package_when_the_second_rename_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two-rename fallback moved the old package aside, then lost it in the caller's
+    temp-folder cleanup when moving the new one in failed (here: the source vanished)."""
+    monkeypatch.setattr(package_mod, "_renameat2", lambda *a: False)
+    dest = _dir_with(tmp_path / "dest", "old")
+    with pytest.raises(FileNotFoundError):
+        replace_dir(tmp_path / ".dest.tmp-gone", dest)
+    assert (dest / MANIFEST_NAME).read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]  # no hidden .old-* left
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RENAME_EXCHANGE is Linux-only")
 def test_readers_never_see_a_missing_package_during_overwrite(tmp_path: Path) -> None:
     """200 overwrites while a reader polls: the destination's manifest is always there."""

@@ -8,7 +8,6 @@ then renamed into place.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ def export_verified(source: Any, out: str | Path, **export_kwargs: Any) -> Callb
     """
     from packager.errors import PackagerError
     from packager.exporting import export
+    from packager.package import replace_dir
     from packager.verifying import verify
 
     out = Path(out).absolute()
@@ -53,11 +53,9 @@ def export_verified(source: Any, out: str | Path, **export_kwargs: Any) -> Callb
         if not report.passed:
             bad = [f"{r.format}/{r.parity.runtime}" for r in report.rows if not r.passed]
             return CallbackVerdict(False, f"verification failed for {', '.join(bad)}; kept the previous package")
-        old = None
-        if out.exists():
-            old = stage / "previous"
-            os.rename(out, old)
-        os.rename(candidate, out)
+        # replace_dir swaps atomically (or restores the previous package if the second rename
+        # fails), so the stage's rmtree below can never delete the last good package.
+        replace_dir(candidate, out, overwrite=True)
         formats = ", ".join(result.manifest.formats)
         return CallbackVerdict(True, f"exported and verified {formats} -> {out}", out)
     except PackagerError as exc:
