@@ -510,9 +510,6 @@ def demo(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map errors to documented exit codes."""
-    # paddle2onnx's constant folding goes through Polygraphy, which would pip-install
-    # onnx-graphsurgeon at run time; it is a declared dependency instead.
-    os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")
     argv, debug = _hoist_debug(sys.argv[1:] if argv is None else list(argv))
     command = typer.main.get_command(app)
     try:

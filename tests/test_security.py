@@ -258,3 +258,20 @@ def test_batch_input_npz_bomb_is_refused(mlp_onnx_package: Path, tmp_path: Path)
     bomb.write_bytes(_overlapping_npz(_npy(np.zeros((1 << 14, 16), np.float32)), 5_000))
     proc = run_cli("run", str(mlp_onnx_package), "-i", str(bomb), "-o", str(tmp_path / "y.npz"))
     assert proc.returncode == ExitCode.USAGE and "zip bomb" in proc.stderr, proc.stderr
+
+
+def test_running_an_onnx_package_leaves_no_telemetry_files(mlp_onnx_package: Path, tmp_path: Path) -> None:
+    """ONNX Runtime 1.31 writes a device id and a telemetry database under ~/.cache and a
+    '.ses' file in TMPDIR unless ORT_DISABLE_TELEMETRY is set before it is imported: packager
+    sets it (a user's own value wins), so a deployment host keeps no trace of the run."""
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env.update(HOME=str(home), TMPDIR=str(tmp), PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run([sys.executable, "-m", "packager", "verify", str(mlp_onnx_package)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    left = sorted(str(p.relative_to(tmp_path)) for p in (*home.rglob("*"), *tmp.rglob("*")))
+    assert left == []

@@ -344,6 +344,57 @@ def test_legacy_paddle_program_ops_are_scanned() -> None:
             f"op load_combine in block 0 of {Path(handle.name).name}"]
 
 
+@pytest.mark.paddle
+def test_legacy_paddle_program_that_writes_a_file_is_refused(tmp_path: Path) -> None:
+    """The real attack: a legacy ``.pdmodel`` with a ``save`` op appended writes any file when
+    Paddle Inference runs it (shown first on a plain predictor); packager refuses it unless
+    trusted."""
+    paddle = pytest.importorskip("paddle")
+    from paddle import inference
+    from paddle.base.proto import framework_pb2
+
+    import runtimes
+    from runtimes._paddle import quiet
+    from sample_models.paddle_models import save_layer
+
+    layer = paddle.nn.Linear(4, 4, bias_attr=False)
+    layer.eval()
+    model = save_layer(layer, (None, 4), tmp_path / "m" / "model", legacy=True)
+    params = model.with_suffix(".pdiparams")
+    desc = framework_pb2.ProgramDesc()
+    desc.ParseFromString(model.read_bytes())
+    block = desc.blocks[0]
+    weight = next(v.name for v in block.vars if v.persistable and v.name not in ("feed", "fetch"))
+    target = tmp_path / "written_by_the_model"
+    op = block.ops.add(type="save")
+    op.inputs.add(parameter="X").arguments.append(weight)
+    for name, kind, field, value in (("file_path", framework_pb2.STRING, "s", str(target)),
+                                     ("overwrite", framework_pb2.BOOLEAN, "b", True),
+                                     ("save_as_fp16", framework_pb2.BOOLEAN, "b", False),
+                                     ("save_to_memory", framework_pb2.BOOLEAN, "b", False)):
+        attr = op.attrs.add(name=name, type=kind)
+        setattr(attr, field, value)
+    model.write_bytes(desc.SerializeToString())
+    x = np.ones((2, 4), np.float32)
+
+    config = inference.Config(str(model), str(params))
+    config.disable_gpu()
+    with quiet():
+        predictor = inference.create_predictor(config)
+        predictor.get_input_handle(predictor.get_input_names()[0]).copy_from_cpu(x)
+        predictor.run()
+    assert target.exists()  # the attack works on an unguarded predictor
+    target.unlink()
+
+    with pytest.raises(UnsafeArtifactError, match="op save in block 0") as caught:
+        runtimes.load(model, format="paddle_legacy")
+    assert caught.value.exit_code == ExitCode.RUNTIME and "--trust" in caught.value.message
+    assert not target.exists()
+    with runtimes.load(model, format="paddle_legacy", trust=True) as runner:  # the user's own call
+        runner.run({"x": x})
+    assert target.exists()
+
+
 def test_onnx_custom_domain_cannot_load_code() -> None:
     """ONNX Runtime resolves a custom-op domain only from a library registered on the session;
     packager never registers one (no runner option does), so such a model is refused (exit 4)."""
