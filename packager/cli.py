@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -511,6 +513,15 @@ def demo(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map errors to documented exit codes."""
     argv, debug = _hoist_debug(sys.argv[1:] if argv is None else list(argv))
+    interrupted, previous = _watch_sigint()
+    try:
+        return _dispatch(argv, debug, interrupted)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _dispatch(argv: list[str], debug: bool, interrupted: threading.Event) -> int:
     command = typer.main.get_command(app)
     try:
         # Standalone mode: typer/click print their own usage errors (exit 2) and turn
@@ -522,12 +533,17 @@ def main(argv: list[str] | None = None) -> int:
             # typer turns Ctrl-C into a silent exit 130 before it reaches the handler below.
             err.print("interrupted; nothing was left half-written")
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else int(ExitCode.USAGE))
-    except PackagerError as exc:
-        return _report(exc, debug)
-    except KeyboardInterrupt:
-        err.print("interrupted; nothing was left half-written")
-        return 130
-    except Exception as exc:  # a bug in packager: say so, keep the trace behind --debug
+    except (Exception, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt) or interrupted.is_set():
+            # Also when Ctrl-C landed inside a library (pydantic building a validator, a
+            # converter) that turned it into another error: the user's interrupt, not a bug.
+            if debug and not isinstance(exc, KeyboardInterrupt):
+                err.print_exception()
+            err.print("interrupted; nothing was left half-written")
+            return 130
+        if isinstance(exc, PackagerError):
+            return _report(exc, debug)
+        # Otherwise a bug in packager: say so, keep the trace behind --debug.
         mapped = from_os_error(exc) if isinstance(exc, OSError) else None
         if mapped is not None:  # a read-only folder or a full disk is the user's to fix, not a bug
             return _report(mapped, debug)
@@ -536,6 +552,25 @@ def main(argv: list[str] | None = None) -> int:
         err.print(_styled(("internal error", "bold red"), f" {type(exc).__name__}: {exc}. Re-run with --debug and "
                           "report it."))
         return int(ExitCode.INTERNAL)
+
+
+def _watch_sigint() -> tuple[threading.Event, Any]:
+    """Record every Ctrl-C (then raise KeyboardInterrupt as Python's default handler does), so
+    an interrupt that a library converts into another exception is still reported as one.
+    Returns the event and the handler to restore (None when none was installed)."""
+    seen = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return seen, None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return seen, None  # ignored (a background job) or the embedding program's own handler
+
+    def handler(signum: int, frame: Any) -> None:
+        seen.set()
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    return seen, previous
 
 
 def _interrupted_by_typer(exc: BaseException) -> bool:

@@ -338,9 +338,12 @@ def test_output_aliases_work(mlp_onnx_package, saved, tmp_path):
         assert np.load(tmp_path / name)["output"].shape[0] == 3
 
 
-def test_ctrl_c_in_any_command_prints_the_message_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("converted", [False, True], ids=["plain", "converted_by_a_library"])
+def test_ctrl_c_in_any_command_prints_the_message_exits_130_and_leaves_nothing(tmp_path: Path, converted: bool
+                                                                               ) -> None:
     """typer turned Ctrl-C outside `run` into a silent exit 130; the message is documented for
-    every command, and an interrupted export must leave no hidden temp folder."""
+    every command, and an interrupted export must leave no hidden temp folder. A library that
+    turns the KeyboardInterrupt into another error (pydantic, converters did) gave exit 70."""
     import os
     import signal
     import time
@@ -353,7 +356,9 @@ def test_ctrl_c_in_any_command_prints_the_message_exits_130_and_leaves_nothing(t
         "import pathlib, time, torch\n"
         "def build():\n"
         f"    pathlib.Path({str(marker)!r}).write_text('x')\n"
-        "    time.sleep(120)\n"
+        + ("    try:\n        time.sleep(120)\n    except KeyboardInterrupt:\n"
+           "        raise RuntimeError('a library swallowed the interrupt')\n" if converted else
+           "    time.sleep(120)\n") +
         "    return torch.nn.Linear(4, 2)\n")
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
