@@ -153,3 +153,17 @@ def test_ray_gpu_actors_match_cpu(local_ray, mlp_onnx_package: Path, shards, tmp
     gpu = run_dataset(mlp_onnx_package, root / "x.npy", tmp_path / "g.npz", device="cuda",
                       config=RunConfig(engine="ray", num_workers=1))
     np.testing.assert_allclose(_load(cpu.output)["output"], _load(gpu.output)["output"], rtol=1e-3, atol=1e-4)
+
+
+def test_work_units_carry_absolute_paths(mlp_onnx_package: Path, tmp_path: Path, monkeypatch) -> None:
+    """A Ray worker does not share the driver's working directory: a relative --input must reach
+    it resolved (issue 18)."""
+    from packager.batch.io import open_dataset
+    from packager.batch.ray_engine import _units
+    from packager.package import Package
+
+    signature = Package(mlp_onnx_package, verify=False).manifest.signature
+    np.save(tmp_path / "in.npy", np.zeros((10, 16), np.float32))
+    monkeypatch.chdir(tmp_path)
+    units = _units(open_dataset("in.npy", signature), 0, 4, 64)
+    assert units and all(u["path"] == str(tmp_path / "in.npy") for u in units)

@@ -312,7 +312,8 @@ def _units(dataset: Dataset, start: int, batch_size: int, row_bytes: int) -> lis
         while lo < source.rows:
             # The local engine's chunks restart at `lo` of the first file it resumes in: keep its grid.
             hi = min(source.rows, lo + unit)
-            units.append({"path": str(source.path), "lo": lo, "hi": hi, "first": offset + lo})
+            # Absolute: a Ray worker (on this or another node) does not share the driver's cwd.
+            units.append({"path": str(Path(source.path).absolute()), "lo": lo, "hi": hi, "first": offset + lo})
             lo = hi
         offset += source.rows
     return units

@@ -554,6 +554,10 @@ class Attempt:
         return f"{text}: {self.step} failed{node}: {self.reason}"
 
 
+#: Keys of a worker job that hold file paths (made absolute before they cross to the worker).
+_PATH_KEYS = ("model", "params", "out")
+
+
 @dataclass
 class _Worker:
     """A paddle2onnx worker process (paddle2onnx aborts its process on some failures)."""
@@ -575,12 +579,22 @@ class _Worker:
             log_file.close()
 
     def call(self, job: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
-        """Send one job; a crashed or hung worker gives an error result (and is restarted next time)."""
+        """Send one job; a crashed or hung worker gives an error result (and is restarted next time).
+
+        Paths are made absolute here: the worker runs in another working directory.
+
+        Raises:
+            SourceError: A model file the job names does not exist (not a conversion failure).
+        """
+        job = {k: (str(Path(v).absolute()) if k in _PATH_KEYS and v else v) for k, v in job.items()}
         if self.proc is None or self.proc.poll() is not None:
             self.proc = self._start()
         assert self.proc.stdin is not None and self.proc.stdout is not None
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
         result = self._call(job, timeout)
+        if result.get("missing"):
+            raise SourceError(result["missing"], "does not exist (it was there when the export started)",
+                              fix="keep the model files in place until the export finishes")
         if not result.get("ok") and not result.get("crashed"):
             # paddle2onnx logs the real error and raises something generic: add the log's error lines.
             try:
@@ -861,7 +875,10 @@ def _worker_main() -> None:
     for line in sys.stdin:
         job = json.loads(line)
         try:
-            if job["cmd"] == "probe":
+            missing = next((job[k] for k in ("model", "params") if job.get(k) and not Path(job[k]).exists()), None)
+            if missing is not None:  # the parent's problem to report, not a converter failure
+                result = {"ok": False, "missing": missing}
+            elif job["cmd"] == "probe":
                 result = _probe(job)
             else:
                 data = paddle2onnx.export(job["model"], job["params"], None, opset_version=int(job["opset"]),

@@ -422,3 +422,29 @@ def test_cli_exports_an_inference_model_and_reports_untrusted_pickles(lenet_save
     proc = run_cli("export", str(evil), "--out", str(tmp_path / "p2"), "--builder", LENET,
                    "--input-spec", "x:float32[batch,1,28,28]")
     assert proc.returncode == 2 and "--trust" in proc.stderr + proc.stdout
+
+
+def test_cli_exports_a_relative_prefix_from_its_folder(lenet_saves, tmp_path: Path) -> None:
+    """`packager export jit/model -o pkg` from the folder holding jit/: the paddle2onnx worker runs
+    elsewhere, so the paths it gets must be absolute (issue 18)."""
+    import shutil
+
+    shutil.copytree(lenet_saves["jit_pir"].parent, tmp_path / "jit")
+    proc = run_cli("export", "jit/model", "-o", "ppkg", "--formats", "paddle_inference,onnx", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((tmp_path / "ppkg" / "manifest.json").read_text())
+    assert {a["format"] for a in manifest["artifacts"]} == {"paddle_inference", "onnx"}
+
+
+def test_a_model_file_missing_in_the_converter_is_not_a_conversion_failure(tmp_path: Path) -> None:
+    from packager.exporters.paddle import _Worker
+
+    worker = _Worker(tmp_path / "p2o.log")
+    try:
+        with pytest.raises(SourceError, match="does not exist") as info:
+            worker.call({"cmd": "convert", "model": str(tmp_path / "gone" / "net.json"),
+                         "params": str(tmp_path / "gone" / "net.pdiparams"), "opset": 13, "optimize": True,
+                         "out": str(tmp_path / "out.onnx")})
+        assert info.value.exit_code == 2 and "gone" in info.value.subject
+    finally:
+        worker.close()
