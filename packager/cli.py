@@ -188,6 +188,7 @@ def verify(
         _integrity_only(package)
         _signature_ok(package)
         return
+    _require_cuda_host(_split(device))
     from packager.verifying import verify as do_verify
 
     ranges = {}
@@ -276,6 +277,8 @@ def run(
         _warn_skip_integrity(package)
     _trust_artifacts(trust_graphs)
     _require_signature(public_key)
+    if engine != "ray":  # Ray checks its cluster's GPUs, which need not be this host's
+        _require_cuda_host([device])
     from packager.batch.pipeline import RunConfig, run_dataset
 
     if engine != "ray" and (address is not None or num_workers is not None):
@@ -329,6 +332,7 @@ def bench(
     if skip_integrity:
         _warn_skip_integrity(package)
     _trust_artifacts(trust_graphs)
+    _require_cuda_host(_split(device))
     from packager.bench import bench as do_bench
 
     sizes: list[int] = []
@@ -414,6 +418,14 @@ def sign(
 
     sig = do_sign(package, key, overwrite=overwrite)
     out.print(_styled(("signed", "bold"), f" {len(package_files(package)) - 1} files of {package} into {sig}"))
+
+
+def _require_cuda_host(devices: list[str]) -> None:
+    """``--device cuda`` on a host without any CUDA device: one message (exit 2) naming that
+    cause, instead of a failed load per artifact and advice to install GPU builds."""
+    from runtimes.device import require_cuda_host
+
+    require_cuda_host(devices)
 
 
 def _trust_artifacts(trust: bool) -> None:

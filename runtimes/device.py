@@ -52,3 +52,32 @@ def require_gpu(device: Device, available: int, runtime: str, hint: str) -> None
             f"device {device}", f"is not available to {runtime}",
             expected=f"a visible CUDA GPU with index {device.index}", got=f"{available} CUDA device(s)",
             fix=f"run with --device cpu, or {hint}")
+
+
+def host_cuda_devices() -> int | None:
+    """NVIDIA GPUs this host has, read without importing a framework (None: cannot tell).
+
+    Linux: the driver's ``/dev/nvidiaN`` nodes and ``/proc/driver/nvidia/gpus``; WSL (``/dev/dxg``)
+    and other systems answer None, and the runtimes then decide per device.
+    """
+    import glob
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or os.path.exists("/dev/dxg"):
+        return None
+    nodes = [p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", p)]
+    gpus = glob.glob("/proc/driver/nvidia/gpus/*")
+    return max(len(nodes), len(gpus))
+
+
+def require_cuda_host(devices: "list[str] | tuple[str, ...]") -> None:
+    """Refuse ``cuda[:N]`` devices at once (one message, exit 2) when the host has no CUDA device
+    at all, before anything loads: the cause is the host, not a runtime build to install."""
+    wanted = [parse_device(d) for d in devices]
+    cuda = [d for d in wanted if d.is_cuda]
+    if not cuda or host_cuda_devices() != 0:
+        return
+    raise DeviceError(f"device {cuda[0]}", "no CUDA device on this host",
+                      expected=f"a CUDA GPU with index {cuda[0].index}", got="0 CUDA devices",
+                      fix="use --device cpu, or run on a host with an NVIDIA GPU and its driver")

@@ -22,6 +22,7 @@ import pytest
 import runtimes
 from packager.errors import ManifestError, UsageError
 from packager.manifest import MANIFEST_NAME
+from runtimes.device import host_cuda_devices
 from tests._integrity import copy_package, rehash
 from tests.conftest import run_cli
 
@@ -163,3 +164,26 @@ def test_a_missing_package_folder_copy_is_not_internal(tmp_path: Path, mlp_onnx_
     pkg = copy_package(mlp_onnx_package, tmp_path / "pkg")
     shutil.rmtree(pkg / "onnx")
     _assert_user_error(run_cli("verify", str(pkg)), 2, "onnx")
+
+
+# --- what a newcomer trips on (issue 18) -------------------------------------------------
+@pytest.mark.parametrize("name", ["mistyped.pt", "mistyped.pdparams", "jit/mistyped"])
+def test_a_mistyped_source_says_it_does_not_exist(tmp_path: Path, name: str) -> None:
+    proc = run_cli("export", name, "-o", "pkg", cwd=tmp_path)
+    _assert_user_error(proc, 2, f"{name}: does not exist", str(tmp_path))
+    assert "expected .pt" not in proc.stderr and "--framework" not in proc.stderr
+
+
+@pytest.mark.skipif(host_cuda_devices() != 0,
+                    reason="checks a host without any CUDA device")
+@pytest.mark.parametrize("command", ["verify", "bench", "run"])
+def test_cuda_on_a_host_without_a_gpu_is_one_message(pkg: Path, tmp_path: Path, command: str) -> None:
+    args = [command, str(pkg), "--device", "cuda"]
+    if command == "run":
+        np.save(tmp_path / "x.npy", np.zeros((3, 16), np.float32))
+        args += ["-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npz")]
+    proc = run_cli(*args)
+    _assert_user_error(proc, 2, "device cuda:0: no CUDA device on this host", "0 CUDA devices", "--device cpu")
+    text = proc.stdout + proc.stderr
+    assert len(text.strip().splitlines()) == 1, text  # one message: no table of failed loads
+    assert "load failed" not in text and "pip install" not in text and "onnxruntime-gpu" not in text

@@ -135,10 +135,16 @@ def detect_framework(source: Any) -> str:
                     return name
             except DependencyError:
                 missing.append(name)
+        if not path.exists():  # a mistyped path: say so, not that its suffix is unknown
+            prefix = ("; a Paddle prefix like out/model needs out/model.json, .pdmodel or .pdparams"
+                      if not path.suffix else "")
+            raise SourceError(str(path), "does not exist",
+                              fix=f"check the path (relative to the current folder {str(Path.cwd())!r}){prefix}")
         install = "; ".join(f"{n} is not installed here (pip install 'packager[{FRAMEWORKS[n].extra}]')" for n in missing)
         raise SourceError(str(path), "is not a model save packager recognises",
                           expected=".pt/.pth/.pt2 (torch), .keras/.h5/SavedModel (tensorflow), "
-                          ".pdparams/.pdmodel/.json (paddle)", got=path.suffix or "a folder",
+                          ".pdparams/.pdmodel/.json (paddle)",
+                          got=path.suffix or ("a folder" if path.is_dir() else "a file without a suffix"),
                           fix="pass --framework to say which framework saved it" + (f"; {install}" if install else ""))
     module = type(source).__module__.split(".")[0]
     for name in FRAMEWORKS:
