@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from packager.errors import ExitCode, PackagerError, UsageError, from_os_error
+from packager.errors import ExitCode, PackagerError, UsageError, cli_words, from_os_error
 from packager.tables import print_table
 
 app = typer.Typer(name="packager", help="Export trained models to verified deployment packages, verify them, "
@@ -352,7 +352,7 @@ def bench(
     for row in report.rows:
         if row.error:
             rows.append([row.format, row.runtime, row.device, str(row.batch_size), Text("error", "red"),
-                         row.error[:60], "", ""])
+                         cli_words(row.error)[:60], "", ""])
             continue
         rows.append([row.format, row.runtime, row.device, str(row.batch_size), f"{row.p50_ms:.3f}",
                      f"{row.p90_ms:.3f}", f"{row.p99_ms:.3f}", f"{row.rows_per_s:,.0f}"])
@@ -613,7 +613,7 @@ def _report(exc: PackagerError, debug: bool) -> int:
         err.print_exception()
         if exc.details:
             err.print(exc.details)
-    err.print(_styled(("error", "bold red"), f" {exc.message}"), soft_wrap=True)
+    err.print(_styled(("error", "bold red"), f" {exc.cli_message}"), soft_wrap=True)
     return int(exc.exit_code)
 
 

@@ -8,6 +8,7 @@ that message (no traceback unless ``--debug``) and exits with :attr:`PackagerErr
 from __future__ import annotations
 
 import errno
+import re
 from enum import IntEnum
 from typing import Any
 
@@ -66,6 +67,12 @@ class PackagerError(Exception):
             text += f". Fix: {self.fix}"
         return text
 
+    @property
+    def cli_message(self) -> str:
+        """:attr:`message` as the command line prints it: fixes name flags (``--overwrite``),
+        not the API's keywords (``overwrite=True``); see :func:`cli_words`."""
+        return cli_words(self.message)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "error": type(self).__name__,
@@ -76,6 +83,22 @@ class PackagerError(Exception):
             "got": None if self.got is None else str(self.got),
             "fix": self.fix,
         }
+
+
+#: API wording in fixes -> what a command-line user types. Messages name both where both exist
+#: ("pass --overwrite (overwrite=True)"); the CLI shows the flag alone.
+_CLI_WORDS = (
+    (re.compile(r" \((?:API: )?[a-z_]+=(?:True|False)\)"), ""),
+    (re.compile(r"\bsignature_key=NAME \(--signature NAME\)"), "--signature NAME"),
+    (re.compile(r", or options=\{\.\.\.\} in the API"), ""),
+)
+
+
+def cli_words(text: str) -> str:
+    """``text`` with API keyword fixes (``overwrite=True``) replaced by their CLI flags."""
+    for pattern, replacement in _CLI_WORDS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 class UsageError(PackagerError):

@@ -379,3 +379,73 @@ def test_ctrl_c_in_any_command_prints_the_message_exits_130_and_leaves_nothing(t
     assert proc.returncode == 130, stderr
     assert "interrupted; nothing was left half-written" in stderr and "Traceback" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["building", "slowbuild.py", "w.pt"]
+
+
+# --- builders are found the way Python users expect (issue 18) ---------------------------------
+def _console_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The installed ``packager`` console script: unlike ``python -m``, it does not put the
+    current folder on sys.path itself."""
+    script = Path(sys.executable).parent / "packager"
+    if not script.is_file():
+        pytest.skip("no packager console script next to this interpreter")
+    return subprocess.run([str(script), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_builder_module_of_the_current_folder_from_the_console_script(saved, tmp_path):
+    (tmp_path / "mymodels.py").write_text("from sample_models.torch_models import build_mlp as build\n")
+    proc = _console_script("export", str(saved / "w.pth"), "--builder", "mymodels:build", "--example-inputs",
+                           str(saved / "ex.npz"), "--formats", "onnx", "-o", "pkg", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "pkg" / "manifest.json").is_file()
+
+
+def test_builder_file_imports_the_modules_beside_it(saved, tmp_path):
+    models = tmp_path / "other" / "dir"
+    models.mkdir(parents=True)
+    (models / "layers.py").write_text("from sample_models.torch_models import build_mlp\n")
+    (models / "blocks.py").write_text("SIZE = 16\n")
+    (models / "file.py").write_text("from layers import build_mlp\n\n\ndef build():\n"
+                                    "    import blocks  # imported when the builder runs\n\n"
+                                    "    assert blocks.SIZE == 16\n    return build_mlp()\n")
+    proc = _console_script("export", str(saved / "w.pth"), "--builder", "other/dir/file.py:build",
+                           "--example-inputs", str(saved / "ex.npz"), "--formats", "onnx", "-o", "pkg", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_missing_builder_file_says_it_does_not_exist(saved, tmp_path):
+    proc = run_cli("export", str(saved / "w.pth"), "--builder", "modles/file.py:build", "--example-inputs",
+                   str(saved / "ex.npz"), "-o", "pkg", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "file 'modles/file.py' does not exist" in proc.stderr and "cannot be imported" not in proc.stderr
+    assert str(tmp_path) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_fixes_name_flags_not_api_keywords(saved, tmp_path):
+    args = ("export", str(saved / "w.pth"), "--builder", "sample_models.torch_models:build_mlp", "--example-inputs",
+            str(saved / "ex.npz"), "--formats", "onnx", "-o", str(tmp_path / "pkg"))
+    assert run_cli(*args).returncode == 0
+    again = run_cli(*args)
+    assert again.returncode == 2 and "pass --overwrite to replace it" in again.stderr, again.stderr
+    assert "=True" not in again.stderr
+
+
+def test_every_fix_reads_as_cli_flags_on_the_command_line():
+    """Each ``fix=`` text in packager and runtimes, as the CLI prints it, has no API keyword
+    (``overwrite=True``): the CLI shows the flag form (packager.errors.cli_words)."""
+    import ast
+    import re
+
+    from packager.errors import cli_words
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for path in [*(root / "packager").rglob("*.py"), *(root / "runtimes").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            for kw in getattr(node, "keywords", []) if isinstance(node, ast.Call) else []:
+                if kw.arg not in ("fix", "fix_suffix"):
+                    continue
+                text = "".join(c.value for c in ast.walk(kw.value) if isinstance(c, ast.Constant)
+                               and isinstance(c.value, str))
+                if re.search(r"\b[a-z_]+=(True|False)\b", cli_words(text)):
+                    found.append(f"{path.relative_to(root)}:{kw.value.lineno}: {text}")
+    assert not found, found

@@ -7,6 +7,7 @@ torch is imported inside functions only: this module is imported to ask ``claims
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -73,30 +74,66 @@ def framework_version() -> str:
 
 
 def import_builder(spec: str) -> Any:
-    """Resolve ``module:function`` or ``path/to/file.py:function`` to a callable."""
+    """Resolve ``module:function`` or ``path/to/file.py:function`` to a callable.
+
+    A module is looked up with the current folder on the import path (also when packager runs
+    from its console script); a file's own folder is on the import path while it is imported and
+    while the builder runs, so it can import the modules beside it, as ``python file.py`` can.
+    """
     if ":" not in spec:
         raise UsageError(f"builder {spec!r}", "is not of the form module:function",
                          expected="package.module:function or file.py:function", got=spec)
     module_name, _, attr = spec.rpartition(":")
+    folder: str | None = None
     try:
         if module_name.endswith(".py"):
             file = Path(module_name)
+            if not file.is_file():
+                raise UsageError(f"builder {spec!r}", f"file {module_name!r} does not exist",
+                                 fix=f"check the path (relative to the current folder {str(Path.cwd())!r})")
+            folder = str(file.resolve().parent)
             mod_spec = importlib.util.spec_from_file_location(file.stem, file)
-            if mod_spec is None or not file.is_file():
-                raise FileNotFoundError(module_name)
+            if mod_spec is None:
+                raise ImportError(f"{module_name} is not a Python file")
             module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+            with _on_import_path(folder):
+                mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
         else:
             if "" not in sys.path and "." not in sys.path:
                 sys.path.insert(0, "")  # let users name modules of the current directory
             module = importlib.import_module(module_name)
-    except (ImportError, FileNotFoundError) as exc:
+    except ImportError as exc:
         raise UsageError(f"builder {spec!r}", f"module {module_name!r} cannot be imported ({exc})",
                          fix="check the module path, or run from the folder that contains it") from None
     try:
-        return getattr(module, attr)
+        fn = getattr(module, attr)
     except AttributeError:
         raise UsageError(f"builder {spec!r}", f"module {module_name!r} has no attribute {attr!r}") from None
+    if folder is None or not callable(fn):
+        return fn
+
+    @functools.wraps(fn)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        with _on_import_path(folder):  # imports inside the builder find the file's siblings too
+            return fn(*args, **kwargs)
+
+    return build
+
+
+@contextlib.contextmanager
+def _on_import_path(folder: str) -> Any:
+    """``folder`` first on ``sys.path`` for the block (left as it was if already there)."""
+    if folder in sys.path:
+        yield
+        return
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        try:
+            sys.path.remove(folder)
+        except ValueError:
+            pass
 
 
 def _build(options: SourceOptions, path: Path) -> Any:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.text import Text
 
+from packager.errors import cli_words
 from packager.tables import print_table
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ def print_report(report: "VerifyReport", console: Console, title: str | None = N
     for row in report.rows:
         cell = f"{row.format}/{row.runtime}/{row.device}"
         if row.error:
-            console.print(Text.assemble((cell, "red"), f": {row.error}"), highlight=False, soft_wrap=True)
+            console.print(Text.assemble((cell, "red"), f": {cli_words(row.error)}"), highlight=False, soft_wrap=True)
         for problem in row.contract:
             console.print(Text.assemble((f"{cell} contract", "magenta"), f": {problem}"), highlight=False,
                           soft_wrap=True)
