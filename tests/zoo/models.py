@@ -55,3 +55,32 @@ def tiny_vit(seed: int = 0):
     cfg = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
                     num_attention_heads=2, intermediate_size=64)
     return ViTModel(cfg, add_pooling_layer=False).eval()
+
+
+def tiny_t5_encoder(seed: int = 0):
+    """A small T5EncoderModel (relative-position attention buckets; ``input_ids, attention_mask``)."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    return T5EncoderModel(cfg).eval()
+
+
+WHISPER_MEL_BINS, WHISPER_FRAMES = 16, 64  # input_features float32[batch, mel, 2*max_source_positions]
+
+
+def tiny_whisper_encoder(seed: int = 0):
+    """The encoder of a small WhisperModel (two strided convolutions over log-mel frames, then
+    attention over ``max_source_positions`` positions): ``input_features`` in, hidden states out."""
+    import torch
+    from transformers import WhisperConfig, WhisperModel
+
+    torch.manual_seed(seed)
+    cfg = WhisperConfig(vocab_size=100, num_mel_bins=WHISPER_MEL_BINS, d_model=32, encoder_layers=2,
+                        encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
+                        decoder_attention_heads=2, decoder_ffn_dim=64,
+                        max_source_positions=WHISPER_FRAMES // 2, max_target_positions=16,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3)
+    return WhisperModel(cfg).get_encoder().eval()

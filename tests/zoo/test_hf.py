@@ -5,7 +5,9 @@ BERT gets tokenizer-order inputs (``input_ids, token_type_ids, attention_mask``,
 ``forward``'s order) and a padded row: a positional binding would feed the mask to the token
 types. GPT-2 runs without a cache, its mask all ones: with a random 0/1 mask a causal row can
 have every key masked, where eager attention and ONNX Runtime legitimately differ (a softmax
-over nothing).
+over nothing). The T5 encoder gets BERT's padded row (its relative-position bias added under
+the mask); the Whisper encoder takes ``input_features[batch, mel, 2*max_source_positions]``, the
+frame count fixed by its position table, so only the batch varies.
 """
 from __future__ import annotations
 
@@ -28,6 +30,16 @@ def _text(batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
     return {"input_ids": _ids(batch, seq, rng), "attention_mask": np.ones((batch, seq), np.int64)}
 
 
+def _t5(batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+    feeds = Z.bert_feeds(batch, seq, seed)  # a padded row: T5's relative-position bias under a mask
+    return {"input_ids": feeds["input_ids"], "attention_mask": feeds["attention_mask"]}
+
+
+def _audio(batch: int, _seq: int, seed: int) -> dict[str, np.ndarray]:
+    shape = (batch, Z.WHISPER_MEL_BINS, Z.WHISPER_FRAMES)  # Whisper's frame count is fixed by its positions
+    return {"input_features": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
 def _image(batch: int, _seq: int, seed: int) -> dict[str, np.ndarray]:
     return {"pixel_values": np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)}
 
@@ -40,10 +52,16 @@ MODELS: dict[str, tuple[Callable, Callable, list[str]]] = {
     "distilbert": (Z.tiny_distilbert, _text, TEXT_SPEC),
     "gpt2": (Z.tiny_gpt2, _text, TEXT_SPEC),
     "vit": (Z.tiny_vit, _image, ["pixel_values:float32[batch,3,32,32]"]),
+    "t5_encoder": (Z.tiny_t5_encoder, _t5, ["input_ids:int64[batch,seq=1..32]@0:100",
+                                            "attention_mask:int64[batch,seq=1..32]@0:2"]),
+    "whisper_encoder": (Z.tiny_whisper_encoder, _audio,
+                        [f"input_features:float32[batch,{Z.WHISPER_MEL_BINS},{Z.WHISPER_FRAMES}]"]),
 }
 CASES = [("bert", "onnx"), ("bert", "torchscript"), ("bert", "torch_export"), ("distilbert", "onnx"),
          ("distilbert", "torch_export"), ("gpt2", "onnx"), ("gpt2", "torch_export"), ("vit", "onnx"),
-         ("vit", "torch_export")]
+         ("vit", "torch_export"), ("t5_encoder", "onnx"), ("t5_encoder", "torchscript"),
+         ("t5_encoder", "torch_export"), ("whisper_encoder", "onnx"), ("whisper_encoder", "torchscript"),
+         ("whisper_encoder", "torch_export")]
 
 
 @pytest.mark.parametrize("name, fmt", CASES, ids=[f"{n}-{f}" for n, f in CASES])
