@@ -262,7 +262,8 @@ def run(
     public_key: Optional[Path] = typer.Option(None, "--public-key", help="PEM public key: the package's signature "
                                               "(model.sig) must verify before it is loaded (default: "
                                               "$PACKAGER_PUBLIC_KEY)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output or notes (the one-line summary stays, unless "
+                               "--json or --progress-log - asks for machine output)."),
     progress_log: Optional[str] = typer.Option(None, "--progress-log", help="Write JSON-lines progress to this "
                                                "file ('-': stderr; the default when stderr is not a terminal)."),
     engine: str = typer.Option("local", "--engine", help="local, or ray (Ray Data; several machines)."),
@@ -304,11 +305,15 @@ def run(
     if not quiet:
         for note in summary.notes:
             err.print(f"note: {note}", highlight=False, markup=False)
+    # -q removes progress and notes, not the one line of what was written and rejected; it goes
+    # only when machine output is asked for (--json, or JSON lines on stderr with --progress-log -).
+    if not quiet or not (as_json or progress_log == "-"):
         resumed = f", resumed at row {summary.resumed_from}" if summary.resumed_from else ""
         rejected = f", {summary.rejected} rejected (see {summary.rejects})" if summary.rejects else ""
         err.print(f"wrote {summary.written} of {summary.rows} rows to {summary.output}{rejected}{resumed} "
                   f"[{summary.runtime}/{summary.format} on {summary.device}, {summary.engine} engine, batch "
-                  f"{summary.batch_size}, {summary.rows_per_s:,.0f} rows/s]", highlight=False, markup=False)
+                  f"{summary.batch_size}, {summary.rows_per_s:,.0f} rows/s]", highlight=False, markup=False,
+                  soft_wrap=True)
 
 
 @app.command()

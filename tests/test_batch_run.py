@@ -284,3 +284,20 @@ def test_cuda_run_matches_cpu(mlp_onnx_package: Path, data: dict[str, Path], tmp
     assert gpu.device == "cuda:0"
     np.testing.assert_allclose(_read_output(tmp_path / "g.npz")["output"], _read_output(tmp_path / "c.npz")["output"],
                                rtol=1e-3, atol=1e-4)
+
+
+def test_quiet_run_still_says_what_it_wrote_and_rejected(mlp_onnx_package: Path, tmp_path: Path) -> None:
+    """-q removes progress, not the one-line summary; --json (machine output) drops it (issue 18)."""
+    x = np.zeros((10, 16), np.float32)
+    x[[2, 7], 3] = np.nan  # two rows the run rejects
+    np.save(tmp_path / "x.npy", x)
+    proc = run_cli("run", str(mlp_onnx_package), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npz"),
+                   "-q", "--on-error", "skip")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wrote 8 of 10 rows to "), proc.stderr
+    assert "2 rejected (see " in lines[0] and proc.stdout == ""
+    machine = run_cli("run", str(mlp_onnx_package), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "z.npz"),
+                      "-q", "--on-error", "skip", "--json")
+    assert machine.returncode == 0 and machine.stderr.strip() == "", machine.stderr
+    assert json.loads(machine.stdout)["rejected"] == 2
