@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -147,6 +148,7 @@ def export(
     else:
         _print_artifacts(result.manifest)
         out.print(_styled(("wrote" if result.passed else "wrote (PARITY FAILED)", "bold"), f" {result.path}"))
+        _note_generated_output_names(result.manifest)
     if not result.passed:
         raise typer.Exit(int(ExitCode.FIDELITY))
 
@@ -396,6 +398,7 @@ def inspect(
                  for spec in specs])
     _print_artifacts(manifest)
     out.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
+    _note_generated_output_names(manifest)
 
 
 @app.command()
@@ -477,6 +480,24 @@ def _warn_skip_integrity(package: Path) -> None:
                       f": the size and SHA-256 of the files of {package} are NOT checked, nor is the package checked "
                       "for unlisted files; a modified, truncated or planted file will be handed to the framework as "
                       "is. Use only on a package you just verified."))
+
+
+#: Output names Paddle makes up when a program is saved (paddle.jit.save's ``fetch_name_0``, a
+#: legacy program's ``linear_2.tmp_1`` or ``save_infer_model/scale_0.tmp_0``, packager's ``output_0``).
+_PADDLE_GENERATED = re.compile(r"fetch_name_\d+|output_\d+|(?:[\w.]+/)?\w+\.tmp_\d+")
+
+
+def _note_generated_output_names(manifest: Any) -> None:
+    """Say how to rename the outputs of an imported Paddle model that Paddle named itself."""
+    if manifest.source.framework != "paddle" or not manifest.source.kind.startswith("inference_model"):
+        return  # a Layer's outputs are named from forward() or packager's defaults
+    names = [o.name for o in manifest.signature.outputs if _PADDLE_GENERATED.fullmatch(o.name)]
+    if not names:
+        return
+    wanted = ",".join(["NAME"] * len(manifest.signature.outputs))
+    err.print(f"note: output(s) {', '.join(map(repr, names))} carry the names the saved Paddle program gave "
+              f"them, not the model's; to rename them, export again with --output-names {wanted} (one name "
+              "per output, in order)", highlight=False, soft_wrap=True)
 
 
 def _print_artifacts(manifest: Any) -> None:

@@ -448,3 +448,20 @@ def test_a_model_file_missing_in_the_converter_is_not_a_conversion_failure(tmp_p
         assert info.value.exit_code == 2 and "gone" in info.value.subject
     finally:
         worker.close()
+
+
+def test_generated_output_names_point_to_output_names(lenet_saves, tmp_path: Path) -> None:
+    """paddle.jit.save names outputs fetch_name_N: export and inspect say --output-names renames them."""
+    source = str(lenet_saves["jit_pir"].with_suffix(""))
+    proc = run_cli("export", source, "-o", str(tmp_path / "pkg"), "--formats", "paddle_inference")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for text in (proc.stderr, run_cli("inspect", str(tmp_path / "pkg")).stderr):
+        line = " ".join(text.split())
+        assert "output(s) 'fetch_name_0' carry the names the saved Paddle program gave them" in line, text
+        assert "export again with --output-names NAME (one name per output, in order)" in line, text
+    named = run_cli("export", source, "-o", str(tmp_path / "named"), "--formats", "paddle_inference",
+                    "--output-names", "logits")
+    assert named.returncode == 0, named.stderr[-2000:]
+    assert "--output-names" not in named.stderr
+    inspected = run_cli("inspect", str(tmp_path / "named"))
+    assert "logits" in inspected.stdout and "--output-names" not in inspected.stderr
