@@ -1,4 +1,4 @@
-"""Package archives: ``packager pack PKG -o model.tar.gz`` and safe, bounded unpacking.
+"""Reading package archives (written by :func:`packager.packing.pack`): safe, bounded unpacking.
 
 An archive is a gzip-compressed tar of one package folder (``NAME/manifest.json``,
 ``NAME/onnx/model.onnx``, ...). Packing writes only ``manifest.json`` and the files the
@@ -15,16 +15,13 @@ deleted on any refusal, so a refused archive leaves nothing behind.
 from __future__ import annotations
 
 import errno
-import gzip
 import os
-import shutil
 import tarfile
 import tempfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from packager.errors import ExistsError, InputError, IntegrityError
+from packager.errors import InputError, IntegrityError
 from packager.manifest import MANIFEST_NAME
 
 #: Archive names every command accepts in place of a package folder.
@@ -59,96 +56,6 @@ def _limit(value: int | None, env: str, default: int) -> int:
         return int(text)
     except ValueError:
         raise InputError(f"environment variable {env}", "is not an integer", got=text) from None
-
-
-@dataclass(frozen=True)
-class PackResult:
-    """What :func:`pack` wrote."""
-
-    path: Path
-    files: int
-    bytes: int
-
-
-def pack(package: str | Path, out: str | Path, *, overwrite: bool = False) -> PackResult:
-    """Write a verified package folder as a reproducible ``.tar.gz``.
-
-    The archive holds ``manifest.json`` and the files it lists; for a signed package (with
-    ``model.sig``) also the signature and every other file it covers.
-
-    Args:
-        package: Package folder (its integrity is checked first; a damaged package is not packed).
-        out: Archive to write (``.tar.gz`` or ``.tgz``).
-        overwrite: Replace an existing archive (atomically).
-
-    Raises:
-        IntegrityError: The package fails its checksums.
-        ExistsError: ``out`` exists and ``overwrite`` is false.
-    """
-    from packager.package import Package, publish_mode, sweep_stale, temp_prefix
-    from packager.signing import is_signed, package_files
-
-    out = Path(out)
-    if not out.name.lower().endswith((".tar.gz", ".tgz")):
-        raise InputError(f"--out {str(out)!r}", "is not a .tar.gz name", expected="NAME.tar.gz or NAME.tgz",
-                         got=out.name, fix=f"use -o {out.name}.tar.gz")
-    if out.exists() and (not overwrite or not out.is_file()):
-        raise ExistsError(str(out), "already exists" if out.is_file() else "exists and is not a file",
-                          fix="pass --overwrite to replace it, or choose another -o")
-    pkg = Package(package)  # fails closed on any integrity problem before a byte is archived
-    if pkg.unpacked is not None:
-        top = pkg.root.name
-    else:
-        top = Path(package).resolve().name
-    top = top if top not in ("", ".", "..") else pkg.manifest.name
-    listed = {e.path for e in pkg.manifest.all_files()}
-    if is_signed(pkg.root):
-        # The signature covers every file of the folder: the archive carries them all, so that it
-        # still verifies once unpacked ('packager verify model.tar.gz --public-key pub.pem').
-        listed |= set(package_files(pkg.root)) - {MANIFEST_NAME}
-    paths = [MANIFEST_NAME] + sorted(listed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out)
-    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(out), dir=out.parent)
-    tmp = Path(tmp_name)
-    total = 0
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            # mtime=0 and an empty file name in the gzip header: same package, same bytes.
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
-                with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                    for rel in paths:
-                        src = pkg.resolve(rel)
-                        info = tarfile.TarInfo(f"{top}/{rel}")
-                        info.size = src.stat().st_size
-                        info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = 0o644, 0, 0, 0, "", ""
-                        with open(src, "rb") as fh:
-                            tar.addfile(info, fh)
-                        total += info.size
-            raw.flush()
-            os.fsync(raw.fileno())
-        publish_mode(tmp, folder=False)
-        if overwrite:
-            os.replace(tmp, out)
-        else:
-            try:
-                # link() fails if out appeared meanwhile: another writer's archive is never clobbered.
-                os.link(tmp, out)
-            except FileExistsError:
-                raise ExistsError(str(out), "already exists", fix="pass --overwrite to replace it") from None
-            except OSError:  # no hard links on this file system: check, then rename
-                if out.exists():
-                    raise ExistsError(str(out), "already exists", fix="pass --overwrite to replace it") from None
-                os.replace(tmp, out)
-            tmp.unlink(missing_ok=True)
-        dir_fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return PackResult(path=out, files=len(paths), bytes=total)
 
 
 def _refuse(archive: Path, member: str, problem: str, *, expected: str, got: str) -> IntegrityError:
@@ -270,37 +177,3 @@ class UnpackedArchive:
 def open_archive(archive: str | Path, **limits: int | None) -> UnpackedArchive:
     """Unpack ``archive`` into a private temporary folder (see :class:`UnpackedArchive`)."""
     return UnpackedArchive(archive, **limits)
-
-
-def unpack(archive: str | Path, dest: str | Path, *, overwrite: bool = False, max_bytes: int | None = None,
-           max_files: int | None = None) -> Path:
-    """Unpack a package archive to the folder ``dest`` and check its integrity.
-
-    Extracts beside ``dest`` and renames into place only after every check passed; a
-    refused archive leaves nothing behind.
-
-    Raises:
-        IntegrityError: An unsafe member, a limit exceeded, or a checksum mismatch.
-        ExistsError: ``dest`` exists and ``overwrite`` is false.
-    """
-    from packager.package import Package, check_destination, publish_mode, replace_dir, sweep_stale, temp_prefix
-
-    dest = check_destination(dest, overwrite).absolute()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(dest)
-    work = Path(tempfile.mkdtemp(prefix=temp_prefix(dest), dir=dest.parent))
-    try:
-        root = extract(archive, work, max_bytes=max_bytes, max_files=max_files)
-        Package(root)  # checksums and unlisted files, before the package becomes visible
-        publish_mode(root, folder=True)
-        if root != work:
-            # Move the package folder up so ``work`` itself becomes the package.
-            staged = Path(tempfile.mkdtemp(prefix=temp_prefix(dest), dir=dest.parent))
-            staged.rmdir()
-            os.rename(root, staged)
-            shutil.rmtree(work)
-            work = staged
-        replace_dir(work, dest, overwrite=overwrite)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return dest

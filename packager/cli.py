@@ -408,7 +408,7 @@ def pack(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing archive."),
 ) -> None:
     """Check a package's integrity and write it as one reproducible .tar.gz (every command accepts it)."""
-    from packager.archive import pack as do_pack
+    from packager.packing import pack as do_pack
 
     result = do_pack(package, out_file, overwrite=overwrite)
     out.print(_styled(("packed", "bold"), f" {result.files} files ({_human(result.bytes)}) into {result.path} "
@@ -422,7 +422,8 @@ def sign(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing signature."),
 ) -> None:
     """Sign every file of a package (model.sig); verify/run check it with --public-key or $PACKAGER_PUBLIC_KEY."""
-    from packager.signing import package_files, sign as do_sign
+    from packager.packing import sign as do_sign
+    from packager.signing import package_files
 
     sig = do_sign(package, key, overwrite=overwrite)
     out.print(_styled(("signed", "bold"), f" {len(package_files(package)) - 1} files of {package} into {sig}"))

@@ -1,6 +1,6 @@
 """Signed packages: a detached OpenSSF Model Signing signature over every file of a package.
 
-``sign(PKG, key.pem)`` writes ``PKG/model.sig`` (:data:`SIGNATURE_NAME`), a Sigstore bundle made
+``packager.packing.sign(PKG, key.pem)`` writes ``PKG/model.sig`` (:data:`SIGNATURE_NAME`), a Sigstore bundle made
 with the `model-signing <https://pypi.org/project/model-signing/>`_ library and an elliptic-curve
 private key (P-256, P-384 or P-521, PEM). It covers every regular file under the package folder
 (``manifest.json``, the artifacts, the golden data and any other file there, such as verify
@@ -22,11 +22,10 @@ from __future__ import annotations
 import ast
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from packager.errors import ExistsError, InputError, IntegrityError, SignatureVerificationError, require
+from packager.errors import InputError, IntegrityError, SignatureVerificationError, require
 
 #: Name of the detached signature, at the top level of the package folder.
 SIGNATURE_NAME = "model.sig"
@@ -105,77 +104,6 @@ def package_files(package_dir: str | os.PathLike[str]) -> list[str]:
             if name in files and not (dirpath == str(root) and _is_sign_temp(name)):
                 found.append(rel)
     return sorted(found)
-
-
-def sign(package_dir: str | os.PathLike[str], key: str | os.PathLike[str], *, overwrite: bool = False,
-         password: str | None = None) -> Path:
-    """Sign every file of a package folder with an elliptic-curve private key (PEM).
-
-    The package's integrity is checked first (a damaged package is not signed). The signature is
-    written to a hidden temporary file and moved to ``package_dir/model.sig`` in one step.
-
-    Args:
-        package_dir: Package folder (not an archive: sign the folder, then ``packager pack`` it).
-        key: PEM private key (P-256, P-384 or P-521).
-        overwrite: Replace an existing signature.
-        password: Password of an encrypted private key.
-
-    Returns:
-        The signature file.
-
-    Raises:
-        ExistsError: A signature exists and ``overwrite`` is false.
-        InputError: The key cannot be used, or the path is not a package folder.
-        IntegrityError: The package fails its checksums.
-    """
-    from packager.archive import is_archive
-    from packager.package import Package, fsync_path, sweep_stale, temp_prefix
-
-    root = Path(package_dir)
-    if is_archive(root):
-        raise InputError(str(root), "is an archive; only package folders are signed",
-                         fix="sign the package folder, then pack it: packager sign PKG --key KEY && "
-                             "packager pack PKG -o FILE.tar.gz (the archive keeps the signature)")
-    sig = signature_path(root)
-    if (sig.exists() or sig.is_symlink()) and not overwrite:
-        raise ExistsError(str(sig), "already exists", fix="pass --overwrite (overwrite=True) to sign again")
-    key_path = _key_file(key, "private key", "--key")
-    Package(root, public_key=False)  # checksums and unlisted files: never sign a damaged package
-    ms = _model_signing()
-    try:
-        config = ms.signing.Config().use_elliptic_key_signer(private_key=key_path, password=password)
-    except Exception as exc:  # bad PEM, a public key, RSA, an unsupported curve, a missing password
-        raise InputError(f"private key {str(key_path)!r}", "cannot be used to sign",
-                         expected="a PEM elliptic-curve private key (P-256, P-384 or P-521)",
-                         got=f"{type(exc).__name__}: {exc}",
-                         fix="create one with: openssl ecparam -name prime256v1 -genkey -noout -out key.pem") from None
-    config.set_hashing_config(_hashing(ms))
-    sweep_stale(sig)  # a killed signer's temporary file would otherwise be signed too
-    # Not created before hashing (so it is not hashed); the library writes it after signing.
-    tmp = root / f"{temp_prefix(sig)}{secrets.token_hex(4)}"
-    try:
-        try:
-            config.sign(root, tmp)
-        except ValueError as exc:  # e.g. a link in the package
-            raise InputError(f"package {str(root)!r}", f"cannot be signed ({exc})",
-                             fix="copy the package without links, or re-export it") from None
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, sig)
-        else:
-            try:
-                os.link(tmp, sig)  # fails if a signature appeared meanwhile
-            except FileExistsError:
-                raise ExistsError(str(sig), "already exists", fix="pass --overwrite to sign again") from None
-            except OSError:  # no hard links on this file system
-                if sig.exists():
-                    raise ExistsError(str(sig), "already exists", fix="pass --overwrite to sign again") from None
-                os.replace(tmp, sig)
-        fsync_path(root)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return sig
 
 
 def verify_signature(package_dir: str | os.PathLike[str], public_key: str | os.PathLike[str]) -> None:

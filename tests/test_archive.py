@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from packager.archive import UnpackedArchive, pack, unpack
+from packager.archive import UnpackedArchive
+from packager.packing import pack, unpack
 from packager.errors import ExistsError, InputError, IntegrityError
-from packager.package import Package, _umask
+from packager.atomic import umask as _umask
+from packager.package import Package
 from tests._integrity import copy_package, make_tar, member, package_members, tiny_torch_package, tree
 from tests.conftest import run_cli
 

@@ -269,7 +269,7 @@ def test_folder_output_killed_mid_shard_leaves_no_temp_file_in_the_final_folder(
 
 
 def test_killed_archive_runs_leave_no_unpacked_copy(mlp_onnx_package: Path, inputs, tmp_path: Path) -> None:
-    from packager.archive import pack
+    from packager.packing import pack
 
     archive = pack(mlp_onnx_package, tmp_path / "model.tar.gz").path
     tmp = tmp_path / "systmp"

@@ -25,7 +25,8 @@ import pytest
 
 from packager.errors import PackagerError
 from packager.manifest import MANIFEST_NAME
-from packager.package import Package, sweep_stale
+from packager.atomic import sweep_stale
+from packager.package import Package
 from tests._integrity import copy_package, edit_manifest, rehash, tiny_torch_package
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def big_package(session_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _pack_trials(big_package: Path, tmp_path: Path, trials: int, seed: int) -> Counter:
-    from packager.archive import pack
+    from packager.packing import pack
 
     old = pack(_small(big_package, tmp_path), tmp_path / "old.tar.gz").path
     new = pack(big_package, tmp_path / "new.tar.gz").path

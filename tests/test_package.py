@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -17,9 +16,10 @@ import numpy as np
 import pytest
 
 import packager.package as package_mod
+from packager.atomic import umask
 from packager.errors import ExitCode, IntegrityError, ManifestError, SchemaVersionError
 from packager.manifest import MANIFEST_NAME, SCHEMA_VERSION
-from packager.package import Package, PackageWriter, replace_dir
+from packager.package import Package, PackageWriter
 from tests._integrity import copy_package, edit_manifest, tiny_torch_package
 from tests.conftest import run_cli
 
@@ -178,66 +178,6 @@ def _dir_with(path: Path, text: str) -> Path:
     return path
 
 
-def test_replace_dir_swaps_atomically(tmp_path: Path) -> None:
-    dest = _dir_with(tmp_path / "dest", "old")
-    new = _dir_with(tmp_path / ".dest.tmp-1", "new")
-    replace_dir(new, dest)
-    assert (dest / MANIFEST_NAME).read_text() == "new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]  # the old tree is gone
-    if sys.platform.startswith("linux"):
-        assert package_mod.last_replace_method == "exchange"
-
-
-def test_replace_dir_fallback_without_renameat2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(package_mod, "_renameat2", lambda *a: False)  # e.g. macOS, or NFS
-    dest = _dir_with(tmp_path / "dest", "old")
-    replace_dir(_dir_with(tmp_path / ".dest.tmp-1", "new"), dest)
-    assert (dest / MANIFEST_NAME).read_text() == "new" and package_mod.last_replace_method == "rename"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
-    replace_dir(_dir_with(tmp_path / ".other.tmp-1", "first"), tmp_path / "other")
-    assert (tmp_path / "other" / MANIFEST_NAME).read_text() == "first"
-
-
-def test_replace_dir_fallback_keeps_the_old_package_when_the_second_rename_fails(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The two-rename fallback moved the old package aside, then lost it in the caller's
-    temp-folder cleanup when moving the new one in failed (here: the source vanished)."""
-    monkeypatch.setattr(package_mod, "_renameat2", lambda *a: False)
-    dest = _dir_with(tmp_path / "dest", "old")
-    with pytest.raises(FileNotFoundError):
-        replace_dir(tmp_path / ".dest.tmp-gone", dest)
-    assert (dest / MANIFEST_NAME).read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]  # no hidden .old-* left
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RENAME_EXCHANGE is Linux-only")
-def test_readers_never_see_a_missing_package_during_overwrite(tmp_path: Path) -> None:
-    """200 overwrites while a reader polls: the destination's manifest is always there."""
-    dest = _dir_with(tmp_path / "dest", "v0")
-    stop = threading.Event()
-    misses: list[int] = []
-    reads = [0]
-
-    def reader() -> None:
-        while not stop.is_set():
-            try:
-                (dest / MANIFEST_NAME).read_text()
-                reads[0] += 1
-            except FileNotFoundError:
-                misses.append(1)
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    try:
-        for i in range(200):
-            replace_dir(_dir_with(tmp_path / f".dest.tmp-{i}", f"v{i + 1}"), dest)
-    finally:
-        stop.set()
-        thread.join()
-    assert not misses and reads[0] > 0
-    assert (dest / MANIFEST_NAME).read_text() == "v200"
-
-
 def _tiny_manifest(writer: PackageWriter, payload: bytes) -> "Manifest":
     from packager.manifest import Artifact, Golden, Manifest, Source
     from packager.signature import Signature, TensorSpec
@@ -267,21 +207,13 @@ def test_writer_never_clobbers_a_package_that_appeared_meanwhile(tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]  # our temp folder is gone
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux-only")
-def test_noreplace_rename_refuses_an_existing_destination(tmp_path: Path) -> None:
-    dest = _dir_with(tmp_path / "dest", "theirs")
-    with pytest.raises(FileExistsError):
-        package_mod._renameat2(_dir_with(tmp_path / "src", "ours"), dest, package_mod._RENAME_NOREPLACE)
-    assert (dest / MANIFEST_NAME).read_text() == "theirs"
-
-
 def test_overwrite_export_keeps_a_complete_package(tmp_path: Path) -> None:
     dest = tmp_path / "pkg"
     for payload in (b"first" * 1000, b"second" * 1000):
         with PackageWriter(dest, overwrite=True) as writer:
             writer.commit(_tiny_manifest(writer, payload))
         assert Package(dest).resolve("onnx/model.onnx").read_bytes() == payload
-        assert dest.stat().st_mode & 0o777 == 0o777 & ~package_mod._umask()  # not tempfile's 0700
+        assert dest.stat().st_mode & 0o777 == 0o777 & ~umask()  # not tempfile's 0700
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
 
 

@@ -18,12 +18,11 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 import runtimes  # noqa: E402
-from packager.archive import pack, unpack  # noqa: E402
 from packager.errors import (ExistsError, ExitCode, InputError, IntegrityError,  # noqa: E402
                              SignatureVerificationError)
 from packager.package import Package  # noqa: E402
-from packager.signing import (PUBLIC_KEY_ENV, SIGNATURE_NAME, package_files, sign,  # noqa: E402
-                              verify_signature)
+from packager.packing import pack, sign, unpack  # noqa: E402
+from packager.signing import PUBLIC_KEY_ENV, SIGNATURE_NAME, package_files, verify_signature  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 import numpy as np
 
 from packager.errors import InputError, UsageError
-from packager.package import fsync_path
+from packager.atomic import atomic_path, commit_file
 from packager.signature import Signature, TensorSpec
 
 #: Input file suffixes a dataset (or a shard of a dataset folder) may have.
@@ -561,31 +560,6 @@ def open_dataset(path: str | Path, signature: Signature, id_column: str | None =
 # --------------------------------------------------------------------------------------------
 # writers
 # --------------------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-#: Permissions of created files: what open() would give (mkstemp alone gives 0600).
-_FILE_MODE = 0o666 & ~_umask()
-
-
-def atomic_path(target: Path, tmp_dir: Path | None = None) -> Path:
-    """A fresh temp path beside ``target`` (or in ``tmp_dir`` on the same filesystem), for ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=tmp_dir or target.parent)
-    os.fchmod(fd, _FILE_MODE)
-    os.close(fd)
-    return Path(tmp)
-
-
-def commit_file(tmp: Path, target: Path) -> None:
-    """Flush ``tmp`` and rename it onto ``target`` (then flush the folder entry)."""
-    fsync_path(tmp)
-    os.replace(tmp, target)
-    fsync_path(target.parent)
-
-
 def to_arrow_table(arrays: dict[str, np.ndarray]) -> Any:
     """Arrow table from batch-first arrays: tensors become fixed-size lists with their shape in metadata."""
     pa = _pa()

@@ -301,7 +301,7 @@ def unpack_for_run(archive: str | Path) -> tuple[Path, Path]:
 
 def sweep_unpacked(tmp_dir: str | Path | None = None) -> list[Path]:
     """Delete unpacked archive copies left in the temp folder by killed runs of this host."""
-    from packager.package import _pid_alive
+    from packager.atomic import pid_alive
 
     host = socket.gethostname()
     pattern = re.compile(rf"^{re.escape(UNPACK_PREFIX + host)}-(\d+)-[A-Za-z0-9_]{{8}}$")
@@ -316,7 +316,7 @@ def sweep_unpacked(tmp_dir: str | Path | None = None) -> list[Path]:
         if match is None or not entry.is_dir() or entry.is_symlink():
             continue
         pid = int(match.group(1))
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)

@@ -19,9 +19,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from packager.atomic import atomic_path, commit_file, fsync_path
 from packager.batch.core import ChunkResult
-from packager.batch.io import (StreamingNpzWriter, _pq, atomic_path, commit_file, fsync_path, read_arrays,
-                               to_arrow_table, write_arrays)
+from packager.batch.io import StreamingNpzWriter, _pq, read_arrays, to_arrow_table, write_arrays
 from packager.batch.journal import Journal, ShardEntry
 from packager.errors import ExistsError, UsageError
 

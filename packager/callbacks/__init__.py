@@ -39,7 +39,7 @@ def export_verified(source: Any, out: str | Path, **export_kwargs: Any) -> Callb
     """
     from packager.errors import PackagerError
     from packager.exporting import export
-    from packager.package import replace_dir
+    from packager.atomic import replace_dir
     from packager.verifying import verify
 
     out = Path(out).absolute()
