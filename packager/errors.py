@@ -7,6 +7,7 @@ that message (no traceback unless ``--debug``) and exits with :attr:`PackagerErr
 
 from __future__ import annotations
 
+import difflib
 import errno
 import re
 from enum import IntEnum
@@ -179,6 +180,15 @@ class FidelityError(PackagerError):
     """An artifact's outputs differ numerically from the reference beyond tolerance."""
 
     exit_code = ExitCode.FIDELITY
+
+
+def did_you_mean(given: Any, choices: Any) -> str:
+    """``"did you mean 'onnx'? "`` for the closest choice to each typo in ``given`` (one name or
+    several), or ``""``: the start of a fix for an unknown format, runtime or builder."""
+    names = [given] if isinstance(given, str) else list(given or [])
+    options = [str(c) for c in choices]
+    close = [m[0] for name in names for m in [difflib.get_close_matches(str(name), options, n=1, cutoff=0.6)] if m]
+    return f"did you mean {', '.join(repr(c) for c in dict.fromkeys(close))}? " if close else ""
 
 
 def require(module: str, *, purpose: str) -> Any:

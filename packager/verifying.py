@@ -28,7 +28,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field
 
 from packager import registry
-from packager.errors import ContractError, ExitCode, InputError, PackagerError, TrustRequiredError, UsageError
+from packager.errors import (ContractError, ExitCode, InputError, PackagerError, TrustRequiredError, UsageError,
+                             did_you_mean)
 from packager.fidelity.contract import check_outputs, native_contract, onnx_contract
 from packager.fidelity.judge import Judge, conversion_kind, judge_for
 from packager.fidelity.metrics import OutputMetrics, noise_floor
@@ -433,7 +434,8 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
     wanted = list(formats) if formats else None
     unknown = [f for f in wanted or [] if f not in manifest.formats]
     if unknown:
-        raise UsageError(f"format(s) {unknown}", "are not in this package", expected=manifest.formats, got=unknown)
+        raise UsageError(f"format(s) {unknown}", "are not in this package", expected=manifest.formats, got=unknown,
+                         fix=f"{did_you_mean(unknown, manifest.formats)}pass --format with names from the expected list")
     wanted_rt = set(runtimes) if runtimes else None
 
     report = VerifyReport(package=str(path), name=manifest.name, reference="eager" if eager else "golden")
@@ -500,8 +502,10 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
                     cells.append((row, runner, art))
                     report.rows.append(row)
         if wanted_rt and not cells:
+            known = sorted({r for a in manifest.artifacts for r in a.runtimes})
             raise UsageError(f"runtime(s) {sorted(wanted_rt)}", "load no artifact of this package",
-                             expected=sorted({r for a in manifest.artifacts for r in a.runtimes}))
+                             expected=known, got=sorted(wanted_rt),
+                             fix=f"{did_you_mean(sorted(wanted_rt), known)}pass --runtime with names from the expected list")
 
         live: Any = eager
         judge = judge_for(manifest, atol, rtol)

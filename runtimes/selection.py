@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from packager.errors import InputError, SignatureVerificationError, UsageError
+from packager.errors import InputError, SignatureVerificationError, UsageError, did_you_mean
 from packager.registry import FORMAT_PREFERENCE, FORMAT_RUNTIMES, RUNTIMES, RuntimeRecord
 from packager.signature import Signature
 
@@ -145,6 +145,7 @@ def _from_package(package: Package, format: str | None, runtime: str | None, opt
     if format is None:
         available = [f for f in FORMAT_PREFERENCE if f in manifest.formats] or manifest.formats
         if runtime is not None:
+            _known(runtime)  # a typo is "unknown, did you mean", not "no artifact it can load"
             available = [f for f in available if runtime in manifest.artifact(f).runtimes]
         if not available:
             raise InputError(str(package.root), "has no artifact the requested runtime can load",
@@ -154,14 +155,20 @@ def _from_package(package: Package, format: str | None, runtime: str | None, opt
         artifact = manifest.artifact(format)
     except KeyError:
         raise InputError(f"format {format!r}", "is not in this package", expected=manifest.formats,
-                         got=format, fix=f"pass one of --format {', '.join(manifest.formats)}") from None
+                         got=format, fix=f"{did_you_mean(format, manifest.formats)}pass one of --format "
+                                        f"{', '.join(manifest.formats)}") from None
     return select_artifact(package, artifact, runtime or artifact.runtimes[0], **options)
 
 
-def _runtime(name: str, format: str) -> RuntimeRecord:
+def _known(name: str) -> RuntimeRecord:
     if name not in RUNTIMES:
-        raise UsageError(f"runtime {name!r}", "is unknown", expected=", ".join(RUNTIMES), got=name)
-    record = RUNTIMES[name]
+        raise UsageError(f"runtime {name!r}", "is unknown", expected=", ".join(RUNTIMES), got=name,
+                         fix=f"{did_you_mean(name, RUNTIMES)}pass --runtime with one of the expected names")
+    return RUNTIMES[name]
+
+
+def _runtime(name: str, format: str) -> RuntimeRecord:
+    record = _known(name)
     if format not in record.formats:
         raise UsageError(f"runtime {name!r}", f"cannot load the {format} format",
                          expected=", ".join(FORMAT_RUNTIMES.get(format, ())) or "a known format", got=name)

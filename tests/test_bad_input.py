@@ -187,3 +187,29 @@ def test_cuda_on_a_host_without_a_gpu_is_one_message(pkg: Path, tmp_path: Path, 
     text = proc.stdout + proc.stderr
     assert len(text.strip().splitlines()) == 1, text  # one message: no table of failed loads
     assert "load failed" not in text and "pip install" not in text and "onnxruntime-gpu" not in text
+
+
+def test_typos_of_formats_runtimes_and_builders_get_did_you_mean(mlp_onnx_package: Path, tmp_path: Path) -> None:
+    """Issue 13: 'did you mean' for formats, runtimes and builder functions (click already does
+    it for commands and options); the runtime error also says what was given (it said None)."""
+    proc = run_cli("verify", str(mlp_onnx_package), "--format", "onxx")
+    assert proc.returncode == 2 and "did you mean 'onnx'?" in proc.stderr, proc.stderr
+    proc = run_cli("verify", str(mlp_onnx_package), "--runtime", "onnxrutime")
+    assert proc.returncode == 2 and "did you mean 'onnxruntime'?" in proc.stderr, proc.stderr
+    assert "got ['onnxrutime']" in proc.stderr
+    proc = run_cli("run", str(mlp_onnx_package), "-i", str(tmp_path / "x.npz"), "-o", str(tmp_path / "y.npz"),
+                   "--format", "onnnx")
+    assert proc.returncode == 2 and "did you mean 'onnx'?" in proc.stderr, proc.stderr
+    proc = run_cli("expotr")
+    assert proc.returncode == 2 and "Did you mean 'export'?" in proc.stderr, proc.stderr
+
+    from packager.errors import UsageError
+    from packager.exporters.pytorch import import_builder
+
+    (tmp_path / "mymodels.py").write_text("def build_model():\n    return None\n")
+    with pytest.raises(UsageError, match="did you mean 'build_model'"):
+        import_builder(f"{tmp_path / 'mymodels.py'}:build_modle")
+    import runtimes
+
+    with pytest.raises(UsageError, match="did you mean 'onnxruntime'"):
+        runtimes.load(mlp_onnx_package, runtime="onnxruntim")

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from packager.exporters._checkpoint import find_state
-from packager.errors import ExportError, SourceError, TrustRequiredError, UsageError
+from packager.errors import ExportError, SourceError, TrustRequiredError, UsageError, did_you_mean
 from packager.exporters import (ArtifactSpec, ExportContext, ExporterOptions, LoadedModel, SourceOptions,
                                 forward_parameters, parse_exporter_options)
 from packager.exporters._onnx import name_dynamic_dims
@@ -108,7 +108,9 @@ def import_builder(spec: str) -> Any:
     try:
         fn = getattr(module, attr)
     except AttributeError:
-        raise UsageError(f"builder {spec!r}", f"module {module_name!r} has no attribute {attr!r}") from None
+        functions = [name for name, value in vars(module).items() if callable(value) and not name.startswith("_")]
+        raise UsageError(f"builder {spec!r}", f"module {module_name!r} has no attribute {attr!r}",
+                         fix=f"{did_you_mean(attr, functions)}name a function the module defines") from None
     if folder is None or not callable(fn):
         return fn
 
