@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
+import os
 import re
+import sys
 from dataclasses import dataclass
 
 from packager.errors import DeviceError, UsageError
@@ -60,10 +63,6 @@ def host_cuda_devices() -> int | None:
     Linux: the driver's ``/dev/nvidiaN`` nodes and ``/proc/driver/nvidia/gpus``; WSL (``/dev/dxg``)
     and other systems answer None, and the runtimes then decide per device.
     """
-    import glob
-    import os
-    import sys
-
     if not sys.platform.startswith("linux") or os.path.exists("/dev/dxg"):
         return None
     nodes = [p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", p)]
