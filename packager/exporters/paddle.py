@@ -875,9 +875,10 @@ def _worker_main() -> None:
     for line in sys.stdin:
         job = json.loads(line)
         try:
-            missing = next((job[k] for k in ("model", "params") if job.get(k) and not Path(job[k]).exists()), None)
-            if missing is not None:  # the parent's problem to report, not a converter failure
-                result = {"ok": False, "missing": missing}
+            # Only the model file: a program without parameters has no .pdiparams, which
+            # paddle2onnx accepts. A missing model is the parent's to report, not a converter failure.
+            if job.get("model") and not Path(job["model"]).exists():
+                result = {"ok": False, "missing": job["model"]}
             elif job["cmd"] == "probe":
                 result = _probe(job)
             else:

@@ -43,14 +43,16 @@ def test_keras_lstm_gru(tmp_path):
     tf = import_tf()
     keras = tf.keras
     tf.random.set_seed(0)
-    model = keras.Sequential([keras.Input(shape=(None, F)), keras.layers.LSTM(16, return_sequences=True),
+    # Named: Keras numbers default names per process (input_layer, input_layer_1, ...), so the
+    # name would depend on which tests ran before.
+    model = keras.Sequential([keras.Input(shape=(None, F), name="steps"), keras.layers.LSTM(16, return_sequences=True),
                               keras.layers.GRU(8, return_sequences=True), keras.layers.Dense(4)])
     # The spec names the sequence axis: from example data alone the exporter fixes every
     # non-batch axis to the example's size (see test_keras_declared_dynamic_axis_from_example).
     packager.export(model, _steps(4, 10, 0), out=tmp_path / "pkg", formats=["saved_model", "onnx"],
-                    input_spec=[f"input_layer:float32[batch,seq=1..64,{F}]"])
+                    input_spec=[f"steps:float32[batch,seq=1..64,{F}]"])
     assert packager.Package(tmp_path / "pkg").manifest.formats == ["saved_model", "onnx"]
-    _check(tmp_path / "pkg", "input_layer", lambda x: model(x, training=False).numpy())
+    _check(tmp_path / "pkg", "steps", lambda x: model(x, training=False).numpy())
 
 
 # A packager defect left for the export pipeline (packager/exporting.py build_input_signature):
