@@ -107,8 +107,15 @@ def build_input_signature(loaded: LoadedModel, example: dict[str, np.ndarray], d
             raise UsageError("example inputs", "are missing", fix="pass --example-inputs x.npz or --input-spec "
                              "'x:float32[batch,3,32,32]'")
     if declared is None:
-        specs = [_int_ranges(spec_from_array(name, arr), arr) for name, arr in example.items()]
-        return Signature(inputs=specs), example
+        # Axes the model itself declares dynamic (a Keras Input(shape=(None, F)), a Paddle
+        # InputSpec with None) stay dynamic: example arrays alone would freeze them at the
+        # example's size and the package would refuse every other length.
+        known = {s.name: s for s in loaded.signature.inputs} if loaded.signature is not None else {}
+        specs = [_int_ranges(spec_from_array(name, arr, dynamic=_declared_axes(known.get(name), arr)), arr)
+                 for name, arr in example.items()]
+        dims = loaded.signature.dims if loaded.signature is not None else {}
+        used = {d for s in specs for d in s.shape if isinstance(d, str)}
+        return Signature(inputs=specs, dims={k: v for k, v in dims.items() if k in used}), example
     if not example:
         return declared, declared.example_inputs(seed=seed)
     # Both: the data must fit the declared spec.
@@ -117,6 +124,13 @@ def build_input_signature(loaded: LoadedModel, example: dict[str, np.ndarray], d
     example = FeedValidator(declared.inputs, cast="strict")(example)
     specs = [_int_ranges(s, example[s.name]) for s in declared.inputs]
     return declared.model_copy(update={"inputs": specs}), example
+
+
+def _declared_axes(spec: TensorSpec | None, array: np.ndarray) -> dict[int, str]:
+    """Named (dynamic) axes of the model's own input spec, when its rank matches the example's."""
+    if spec is None or len(spec.shape) != array.ndim:
+        return {}
+    return {axis: dim for axis, dim in enumerate(spec.shape) if isinstance(dim, str)}
 
 
 def widen_batch(signature: Signature, example: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:

@@ -55,20 +55,20 @@ def test_keras_lstm_gru(tmp_path):
     _check(tmp_path / "pkg", "steps", lambda x: model(x, training=False).numpy())
 
 
-# A packager defect left for the export pipeline (packager/exporting.py build_input_signature):
-# with example data and no --input-spec, the signature comes from the arrays alone, so an axis
-# the Keras model declares dynamic (Input(shape=(None, F))) is frozen at the example's length
-# and the package refuses any other one (FeedError: "dimension 1 has the wrong size").
-@pytest.mark.xfail(strict=True, reason="example-only export ignores the model's declared dynamic axes")
+# Regression: with example data and no --input-spec the signature used to come from the arrays
+# alone, so an axis the Keras model declares dynamic (Input(shape=(None, F))) was frozen at the
+# example's length and the package refused any other one.
 def test_keras_declared_dynamic_axis_from_example(tmp_path):
     import packager
     from runtimes._tf import import_tf
 
     keras = import_tf().keras
-    model = keras.Sequential([keras.Input(shape=(None, F)), keras.layers.GRU(4, return_sequences=True)])
-    packager.export(model, _steps(2, 10, 0), out=tmp_path / "pkg", formats=["saved_model"])
+    model = keras.Sequential([keras.Input(shape=(None, F), name="steps"), keras.layers.GRU(4, return_sequences=True)])
+    packager.export(model, {"steps": _steps(2, 10, 0)}, out=tmp_path / "pkg", formats=["saved_model", "onnx"])
     spec = packager.Package(tmp_path / "pkg").manifest.signature.inputs[0]
-    assert not isinstance(spec.shape[1], int), spec.shape
+    assert spec.shape[0] == "batch" and isinstance(spec.shape[1], str) and spec.shape[2] == F, spec.shape
+    # Other lengths than the example's load, verify and match the model.
+    _check(tmp_path / "pkg", "steps", lambda x: model(x, training=False).numpy())
 
 
 @pytest.mark.parametrize("direction", ["forward", "bidirect"])
