@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from packager.errors import ManifestError, SchemaVersionError
 from packager.signature import Signature
 
-#: 2 added per-chunk digests of large files (``FileEntry.chunks``); version 1 manifests still load.
-SCHEMA_VERSION = 2
+#: 2 added per-chunk digests of large files (``FileEntry.chunks``); 3 added each output's
+#: measured rounding noise (``Golden.noise``), so a reader that predates it says "upgrade"
+#: instead of rejecting an unknown field. Version 1 and 2 manifests still load.
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 #: Manifests larger than this are refused before parsing (a manifest is a few KB).
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024

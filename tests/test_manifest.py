@@ -58,3 +58,21 @@ def test_missing_schema_version(torch_cnn_package):
     del data["schema_version"]
     with pytest.raises(ManifestError, match="schema_version"):
         parse_manifest(data)
+
+
+def test_schema_2_manifests_without_noise_still_load_and_verify(torch_cnn_package, tmp_path):
+    """A package written before the noise record (schema 2) verifies with the default bounds."""
+    import shutil
+
+    import packager
+    from packager.manifest import MANIFEST_NAME
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(torch_cnn_package, pkg)
+    data = json.loads((pkg / MANIFEST_NAME).read_text())
+    assert data["schema_version"] == 3 and data["golden"]["noise"]
+    data["schema_version"] = 2
+    del data["golden"]["noise"]
+    (pkg / MANIFEST_NAME).write_text(json.dumps(data))
+    assert packager.Package(pkg).manifest.golden.noise == {}
+    assert packager.verify(str(pkg), formats=["onnx"]).exit_code == 0
