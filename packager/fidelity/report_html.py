@@ -34,6 +34,10 @@ MAX_POINTS = 20_000
 #: Element-level plots per page, worst first: past this a page gets slow to open, and the worst
 #: outputs already show what is wrong (the rest are listed by name).
 MAX_DETAIL_PLOTS = 24
+#: Outputs (heat map columns) and lines per cell (distribution panel) drawn: the ones with the
+#: highest tolerance use. Past these a figure's labels overlap and its pixels outgrow the page.
+MAX_OUTPUTS = 30
+MAX_LINES = 40
 #: Tolerance-use bins of the overview colours: upper bound, colour, legend label. Binned rather
 #: than a continuous scale so that "failing" (> 1) and "near" (> NEAR_FAIL) read at a glance.
 BINS: tuple[tuple[float, str, str], ...] = (
@@ -133,43 +137,53 @@ def _worst_use(row: "VerifyRow", output: str) -> tuple[float | None, str]:
     return best
 
 
-def _outputs(report: "VerifyReport") -> list[str]:
-    names: dict[str, None] = {}
+def _outputs(report: "VerifyReport") -> tuple[list[str], int]:
+    """The outputs the heat map shows (in signature order) and how many there are in all."""
+    names: dict[str, float] = {}
     for row in report.rows:
         for case in row.cases:
             for out in case.outputs:
-                names.setdefault(out.name)
-    return list(names)
+                use = out.tolerance_use if out.tolerance_use is not None else (-1.0 if out.passed else math.inf)
+                names[out.name] = max(names.get(out.name, -math.inf), use)
+    shown = set(sorted(names, key=lambda n: -names[n])[:MAX_OUTPUTS])
+    return [n for n in names if n in shown], len(names)
 
 
 def heatmap_png(report: "VerifyReport") -> str:
-    """Figure: worst tolerance use of every output (columns) in every cell (rows), binned colours."""
-    outputs = _outputs(report) or ["(no output compared)"]
+    """Figure: worst tolerance use of every output in every cell, binned colours (cells as rows
+    and outputs as columns; swapped when there are many more outputs, so labels stay readable)."""
+    outputs = _outputs(report)[0] or ["(no output compared)"]
     rows = report.rows
     grid = np.full((len(rows), len(outputs)), np.nan)
-    notes: dict[tuple[int, int], str] = {}
+    notes = np.full(grid.shape, "", dtype=object)
     for i, row in enumerate(rows):
         for j, name in enumerate(outputs):
             use, where = _worst_use(row, name)
             if use is None:
-                notes[(i, j)] = where
+                notes[i, j] = where
             else:
                 grid[i, j] = _bin(use)
-                notes[(i, j)] = f"{use:.2g}\n{where}"
-    # Wide enough for the cell labels and the colour bar even with a single output.
-    fig = _figure(max(7.0, 3.6 + 1.5 * len(outputs)), max(2.4, 1.2 + 0.55 * len(rows)))
+                notes[i, j] = f"{use:.2g}\n{where}"
+    cell_labels = [_plain(f"{_cell(r)} ({r.verdict})") for r in rows]
+    output_labels = [_plain(str(o)) for o in outputs]
+    across, down, x_name = output_labels, cell_labels, "output"
+    if len(outputs) > max(6, len(rows)):
+        grid, notes, across, down, x_name = grid.T, notes.T, cell_labels, output_labels, "cell"
+    # Wide enough for the labels and the colour bar even with a single column.
+    fig = _figure(min(max(7.0, 3.6 + 1.7 * len(across)), 30.0), min(max(2.4, 1.2 + 0.5 * len(down)), 30.0))
     from matplotlib.colors import BoundaryNorm, ListedColormap  # after _figure's require: a clear error
 
     ax = fig.add_subplot()
     cmap = ListedColormap([c for _, c, _ in BINS]).with_extremes(bad=_NO_VALUE)
     norm = BoundaryNorm(np.arange(len(BINS) + 1) - 0.5, len(BINS))
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
-    for (i, j), text in notes.items():
+    for (i, j), text in np.ndenumerate(notes):
         dark = not np.isnan(grid[i, j]) and (grid[i, j] <= 0 or grid[i, j] >= 5)
         ax.text(j, i, _plain(text), ha="center", va="center", fontsize=8, color="white" if dark else "black")
-    ax.set_xticks(range(len(outputs)), [_plain(str(o)) for o in outputs], fontsize=9)
-    ax.set_yticks(range(len(rows)), [_plain(f"{_cell(r)} ({r.verdict})") for r in rows], fontsize=9)
-    ax.set_xlabel("output")
+    ax.set_xticks(range(len(across)), across, fontsize=9, rotation=20 if x_name == "cell" else 0,
+                  ha="right" if x_name == "cell" else "center")
+    ax.set_yticks(range(len(down)), down, fontsize=9)
+    ax.set_xlabel(x_name)
     ax.set_title("worst tolerance use over the cases", fontsize=10)
     bar = fig.colorbar(image, ax=ax, ticks=range(len(BINS)), fraction=0.05, pad=0.02)
     bar.ax.set_yticklabels([label for _, _, label in BINS], fontsize=8)
@@ -178,8 +192,9 @@ def heatmap_png(report: "VerifyReport") -> str:
 
 
 # --- overview: error distribution per cell ------------------------------------------------------
-def _ratios(row: "VerifyRow") -> list[tuple[str, float, float]]:
-    """(case / output, mean |err| / allowed, max |err| / allowed) for every compared output."""
+def _ratios(row: "VerifyRow") -> tuple[list[tuple[str, float, float]], int]:
+    """(case / output, mean |err| / allowed, max |err| / allowed) for the compared outputs with
+    the highest tolerance use (at most MAX_LINES, in case order), and how many were compared."""
     items = []
     for case in row.cases:
         for out in case.outputs:
@@ -191,12 +206,14 @@ def _ratios(row: "VerifyRow") -> list[tuple[str, float, float]]:
             else:  # exact match required (integer outputs, --atol 0 --rtol 0)
                 mean, peak = (0.0 if out.mean_abs == 0 else math.inf), (0.0 if out.max_abs == 0 else math.inf)
             items.append((f"{case.case} / {out.name}", mean, peak))
-    return items
+    shown = set(sorted(range(len(items)), key=lambda i: -items[i][2])[:MAX_LINES])
+    return [item for i, item in enumerate(items) if i in shown], len(items)
 
 
 def distribution_png(report: "VerifyReport") -> str:
     """Figure: per cell, for every case x output, the mean-to-max |err| range in units of its allowed bound."""
-    per_row = [_ratios(row) for row in report.rows]
+    counted = [_ratios(row) for row in report.rows]
+    per_row = [items for items, _ in counted]
     finite = [v for items in per_row for _, a, b in items for v in (a, b) if 0 < v < math.inf]
     lo = max(min(finite) / 3, 1e-9) if finite else 1e-4
     hi = max(max(finite) * 3, 3.0) if finite else 3.0
@@ -204,12 +221,13 @@ def distribution_png(report: "VerifyReport") -> str:
     fig = _figure(10, sum(heights) + 0.8)
     axes = fig.subplots(len(heights), 1, sharex=True, squeeze=False,
                         gridspec_kw={"height_ratios": heights})[:, 0]
-    for ax, row, items in zip(axes, report.rows, per_row):
+    for ax, row, (items, total) in zip(axes, report.rows, counted):
         ax.set_xscale("log")
         ax.set_xlim(lo, hi)
         ax.axvline(NEAR_FAIL, color="#e08214", linestyle=":", linewidth=1)
         ax.axvline(1.0, color="#b2182b", linestyle="--", linewidth=1)
-        ax.set_title(_plain(f"{_cell(row)}: {row.verdict.upper()}"), fontsize=9, loc="left")
+        more = f" ({len(items)} of {total} lines: the highest)" if total > len(items) else ""
+        ax.set_title(_plain(f"{_cell(row)}: {row.verdict.upper()}{more}"), fontsize=9, loc="left")
         if not items:
             ax.set_yticks([])
             ax.text(0.5, 0.5, f"no output compared ({row.verdict})", ha="center", va="center",
@@ -301,7 +319,8 @@ def _details(report: "VerifyReport") -> list[tuple[float, "VerifyRow", str, str]
 
 # --- captions ---------------------------------------------------------------------------------
 _HEATMAP_CAPTION = (
-    "One row per artifact x runtime x device cell (its verdict in brackets), one column per output. "
+    "One row per artifact x runtime x device cell (its verdict in brackets), one column per output "
+    "(the other way round when there are many more outputs than cells). "
     "Each square shows that output's highest <i>tolerance use</i> over the cell's cases, "
     "<code>max |err| / (atol + rtol x scale)</code> with <code>scale</code> = max |reference|, and the case "
     "it came from. 1 is the edge of failing: below {near} the output is comfortably within its tolerance "
@@ -377,11 +396,15 @@ def _overview(report: "VerifyReport", figures: _Figures) -> list[str]:
     if not report.rows:
         return parts + ["<p>No cell was verified: nothing to draw.</p>"]
     near = f"{NEAR_FAIL:g}"
+    shown, total = _outputs(report)
+    more = (f" Only the {len(shown)} of {total} outputs with the highest tolerance use are drawn; the tables "
+            "below have every one." if total > len(shown) else "")
     parts.append(figures.html(heatmap_png(report), "heat map of tolerance use per cell and output",
-                              "Tolerance use per cell and output.", _HEATMAP_CAPTION.format(near=near),
+                              "Tolerance use per cell and output.", _HEATMAP_CAPTION.format(near=near) + more,
                               "figure-tolerance-use"))
     parts.append(figures.html(distribution_png(report), "error range per case and output, one panel per cell",
-                              "Error distribution per cell.", _DISTRIBUTION_CAPTION.format(near=near),
+                              "Error distribution per cell.", _DISTRIBUTION_CAPTION.format(near=near)
+                              + f" A cell with more than {MAX_LINES} lines shows those with the largest error.",
                               "figure-error-distribution"))
     parts.append("<dl>" + "".join(f"<dt>{html.escape(t)}</dt><dd>{d}</dd>" for t, d in _TERMS) + "</dl>")
     return parts

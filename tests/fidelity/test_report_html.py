@@ -168,3 +168,15 @@ def test_the_structure_check_can_fail() -> None:
     assert any("http://x.invalid/a.png" in p for p in problems)
     assert any("CSS" in p for p in problems) and any("<link>" in p for p in problems)
     assert any("outside a <figure>" in p for p in problems) and any("no caption" in p for p in problems)
+
+
+def test_a_model_with_many_outputs_keeps_figures_readable() -> None:
+    # 80 outputs x 3 cases: the heat map keeps the 30 worst outputs, each panel the 40 worst lines.
+    outs = {case: [_out(f"out{i}", 0.01 * (i + 1)) for i in range(80)] for case in ("golden", "batch=1", "batch=3")}
+    page = render(VerifyReport(package="p", name="wide", rows=[_row("onnx", "pass", outs)]))
+    assert static_problems(page) == []
+    heat, spread = parse(page).figures
+    assert "Only the 30 of 80 outputs with the highest tolerance use" in heat["caption"]
+    width, height = _decodes(heat["images"][0])
+    assert height > width and height < 2000  # outputs down the side, not 30 columns squeezed into a page
+    assert _decodes(spread["images"][0])[1] < 1200
