@@ -27,7 +27,7 @@ from packager.fidelity.metrics import NEAR_FAIL
 
 if TYPE_CHECKING:
     from packager.fidelity.metrics import OutputMetrics
-    from packager.verifying import VerifyReport, VerifyRow
+    from packager.fidelity.report import VerifyReport, VerifyRow
 
 #: Points drawn per scatter/histogram: enough to show the error's shape, small enough for a page.
 MAX_POINTS = 20_000
@@ -58,7 +58,7 @@ td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}th{ba
 .pass{color:#17702a;font-weight:bold}.fail{color:#b00020;font-weight:bold}.warn{color:#a15c00}
 figure{margin:1.5em 0;padding:0.5em;border:1px solid #e4e4e4;max-width:1000px}
 figure img{max-width:100%;display:block}figcaption{font-size:13px;line-height:1.45;margin-top:0.5em}
-td{max-width:28em;overflow-wrap:break-word}code{background:#f6f6f6;padding:1px 3px}dt{font-weight:bold;margin-top:0.4em}dd{margin-left:1.5em}
+td{max-width:28em;overflow-wrap:break-word}.wide{overflow-x:auto}td.problem{min-width:24em}code{background:#f6f6f6;padding:1px 3px}dt{font-weight:bold;margin-top:0.4em}dd{margin-left:1.5em}
 """
 
 
@@ -281,9 +281,9 @@ def detail_png(ref: np.ndarray, got: np.ndarray, title: str, allowed: float | No
     # the artifact errs, at a scale where a near-failing error is visible (unlike the diagonal).
     for ax, y, name in ((ax2, g - r, "candidate - reference"), (ax3, g, "candidate")):
         if (~beyond).any():
-            ax.scatter(r[~beyond], y[~beyond], s=4, alpha=0.5, color="#dd8452", label="within allowed")
+            ax.scatter(r[~beyond], y[~beyond], s=9, alpha=0.6, color="#dd8452", label="within allowed")
         if beyond.any():
-            ax.scatter(r[beyond], y[beyond], s=6, alpha=0.8, color="#b00020", label="beyond allowed")
+            ax.scatter(r[beyond], y[beyond], s=10, alpha=0.8, color="#b00020", label="beyond allowed")
         ax.set_xlabel("reference")
         ax.set_ylabel(name)
         if r.size:
@@ -370,7 +370,9 @@ def _row_html(row: "VerifyRow") -> str:
 
 
 def _cases_html(row: "VerifyRow") -> Iterable[str]:
-    yield "<table><tr>" + "".join(f"<th>{h}</th>" for h in (
+    # 19 columns do not fit a page: the table scrolls sideways, and the problem text keeps a
+    # readable width instead of being squeezed into a column one word wide.
+    yield "<div class='wide'><table><tr>" + "".join(f"<th>{h}</th>" for h in (
         "case", "inputs", "reference", "verdict", "output", "max abs", "mean abs", "max rel", "p99 rel",
         "out of tol", "cosine", "top-1", "top-k", "atol", "rtol", "min atol", "min rtol", "NaN/Inf ref|cand",
         "problem")) + "</tr>"
@@ -381,14 +383,14 @@ def _cases_html(row: "VerifyRow") -> Iterable[str]:
                     + f"<td class='{verdict_cls}'>{html.escape(case.verdict)}</td>")
             if out is None:
                 problem = case.error or "; ".join(case.contract) or ""
-                yield head + "<td>-</td>" * 14 + f"<td>{_fmt(problem)}</td></tr>"
+                yield head + "<td>-</td>" * 14 + f"<td class='problem'>{_fmt(problem)}</td></tr>"
                 continue
             special = f"{out.nan_reference}/{out.inf_reference} | {out.nan_candidate}/{out.inf_candidate}"
             yield head + "".join(f"<td>{_fmt(v)}</td>" for v in (
                 out.name, out.max_abs, out.mean_abs, out.max_rel, out.p99_rel, out.out_of_tolerance, out.cosine,
-                out.top1_agreement, out.topk_agreement, out.atol, out.rtol, out.min_atol, out.min_rtol, special,
-                "; ".join(filter(None, [out.problem, *case.contract])))) + "</tr>"
-    yield "</table>"
+                out.top1_agreement, out.topk_agreement, out.atol, out.rtol, out.min_atol, out.min_rtol, special)) + (
+                f"<td class='problem'>{_fmt('; '.join(filter(None, [out.problem, *case.contract])))}</td></tr>")
+    yield "</table></div>"
 
 
 def _overview(report: "VerifyReport", figures: _Figures) -> list[str]:
@@ -422,7 +424,7 @@ def _detail_html(row: "VerifyRow", case_name: str, output: str, figures: _Figure
         output=html.escape(output), case=html.escape(case_name), cell=html.escape(_cell(row)),
         sampled=f" ({MAX_POINTS} of its {size} elements, drawn at random with a fixed seed)" if size > MAX_POINTS
         else "", allowed=_fmt(allowed), use=_fmt(out.tolerance_use if out else None),
-        out_of=_fmt(out.out_of_tolerance if out else None))
+        out_of="-" if out is None or out.out_of_tolerance is None else f"{100 * out.out_of_tolerance:.3g} %")
     return figures.html(png, f"error histogram and scatter of {title}", f"{title}.", caption)
 
 
