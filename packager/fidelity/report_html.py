@@ -53,12 +53,14 @@ _NO_VALUE = "#d0d0d0"  # cells with no numeric comparison (load failure, contrac
 _DPI = 80
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}th{background:#f3f3f3}
 .pass{color:#17702a;font-weight:bold}.fail{color:#b00020;font-weight:bold}.warn{color:#a15c00}
 figure{margin:1.5em 0;padding:0.5em;border:1px solid #e4e4e4;max-width:1000px}
 figure img{max-width:100%;display:block}figcaption{font-size:13px;line-height:1.45;margin-top:0.5em}
-td{max-width:28em;overflow-wrap:break-word}.wide{overflow-x:auto}td.problem{min-width:24em}code{background:#f6f6f6;padding:1px 3px}dt{font-weight:bold;margin-top:0.4em}dd{margin-left:1.5em}
+td{max-width:28em;overflow-wrap:break-word}.wide{overflow-x:auto}td.problem{min-width:24em}
+code{background:#f6f6f6;padding:1px 3px}dt{font-weight:bold;margin-top:0.4em}dd{margin-left:1.5em}
 """
 
 
