@@ -14,161 +14,40 @@ A verification checks every artifact x runtime x device cell of a package:
 Cases with new inputs need a live reference: the package's designated reference artifact (the
 one closest to eager: TorchScript/torch.export, SavedModel, Paddle inference) once it passed
 its own golden check, or the eager model. Each case records which reference it used.
+
+:class:`Verification` runs these as one method per phase; :func:`verify` is its thin wrapper.
+The report models live in :mod:`packager.fidelity.report` (re-exported here).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field
 
 from packager import registry
-from packager.errors import (ContractError, ExitCode, InputError, PackagerError, TrustRequiredError, UsageError,
-                             did_you_mean)
+from packager.errors import ContractError, InputError, PackagerError, TrustRequiredError, UsageError, did_you_mean
 from packager.fidelity.contract import check_outputs, native_contract, onnx_contract
 from packager.fidelity.judge import Judge, conversion_kind, judge_for
 from packager.fidelity.metrics import OutputMetrics, noise_floor
 from packager.fidelity.onnx_checks import Check
+from packager.fidelity.report import (REPORT_VERSION, VERDICT_CODES, CaseResult, VerifyReport, VerifyRow, Worst,
+                                      _worse, report_json_schema)
 from packager.fidelity.sweep import Case, onnx_int_ranges, plan_cases, take_rows
-from packager.manifest import OutputParity, Parity
+from packager.manifest import Artifact
 from packager.package import Package, load_npz
 from packager.signature import Signature
 
-REPORT_VERSION = 1
 #: Which artifact serves as the live reference, closest to eager first; ONNX only as a last resort.
 REFERENCE_PREFERENCE = registry.REFERENCE_PREFERENCE
-#: verdict -> exit code; the report's code is the worst over its cells (runtime > contract > numeric).
-VERDICT_CODES = {"pass": ExitCode.OK, "numeric": ExitCode.FIDELITY, "contract": ExitCode.CONTRACT,
-                 "runtime": ExitCode.RUNTIME}
-_SEVERITY = ("pass", "numeric", "contract", "runtime")
-
-
-def _worse(a: str, b: str) -> str:
-    return a if _SEVERITY.index(a) >= _SEVERITY.index(b) else b
-
-
-class CaseResult(BaseModel):
-    """One case (inputs) run by one cell."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    case: str
-    inputs: dict[str, list[int]] = Field(default_factory=dict, description="Input shapes.")
-    reference: str = Field(description="What produced the reference outputs for this case.")
-    verdict: str = Field(description="pass, numeric, contract, runtime, or skipped.")
-    passed: bool
-    outputs: list[OutputMetrics] = Field(default_factory=list)
-    contract: list[str] = Field(default_factory=list)
-    error: str | None = None
-    notes: list[str] = Field(default_factory=list)
-
-
-class Worst(BaseModel):
-    """The figures of the output closest to (or furthest past) its tolerance in a cell."""
-
-    output: str
-    case: str
-    max_abs: float | None = None
-    max_rel: float | None = None
-    tolerance_use: float | None = None
-    min_atol: float | None = None
-    min_rtol: float | None = None
-
-
-class VerifyRow(BaseModel):
-    """One artifact x runtime x device cell of the matrix."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format: str
-    runtime: str
-    device: str
-    conversion: str = Field(description="native, converted or reduced:<dtype>; only a declared reduced "
-                            "precision changes the tolerance (one rule set for every format).")
-    verdict: str = "pass"
-    error: str | None = Field(None, description="Load or run failure of the artifact in this cell.")
-    contract: list[str] = Field(default_factory=list, description="Static contract problems (ONNX graph).")
-    structure: list[Check] = Field(default_factory=list, description="ONNX structural checks.")
-    cases: list[CaseResult] = Field(default_factory=list)
-    worst: Worst | None = None
-    near_fail: bool = False
-    notes: list[str] = Field(default_factory=list)
-    seconds: float = 0.0
-    #: (case, output) -> (reference, candidate) for failing or near-failing outputs (HTML plots).
-    _arrays: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = PrivateAttr(default_factory=dict)
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def passed(self) -> bool:
-        return self.verdict == "pass"
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def exit_code(self) -> int:
-        return int(VERDICT_CODES[self.verdict])
-
-    @property
-    def parity(self) -> Parity:
-        """The golden case as a manifest :class:`Parity` (the foundation's row shape)."""
-        golden = next((c for c in self.cases if c.case == "golden"), None)
-        outs = [OutputParity(name=o.name, passed=o.passed, max_abs=o.max_abs, max_rel=o.max_rel, atol=o.atol,
-                             rtol=o.rtol, problem=o.problem) for o in (golden.outputs if golden else [])]
-        return Parity(runtime=self.runtime, device=self.device, passed=self.passed, outputs=outs,
-                      error=self.error or (golden.error if golden else None), notes=self.notes)
-
-
-class VerifyReport(BaseModel):
-    """Result of :func:`verify`; truthy when every cell passed. ``to_dict`` is the JSON report."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    report_version: int = REPORT_VERSION
-    package: str
-    name: str = ""
-    reference: str = Field("golden", description="golden (+ designated artifact) or eager.")
-    live_reference: str | None = Field(None, description="What judged the cases with new inputs.")
-    noise_floor: dict[str, float] = Field(default_factory=dict, description="Per output, when the live "
-                                          "reference differed between two runs on the same inputs.")
-    deterministic: bool | None = None
-    cases: list[str] = Field(default_factory=list)
-    rows: list[VerifyRow] = Field(default_factory=list)
-    notes: list[str] = Field(default_factory=list)
-    versions: dict[str, str] = Field(default_factory=dict)
-    seconds: float = 0.0
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def passed(self) -> bool:
-        return bool(self.rows) and all(r.passed for r in self.rows)
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def exit_code(self) -> int:
-        """Worst exit code over the rows (runtime failure > contract > numeric)."""
-        codes = {r.exit_code for r in self.rows if not r.passed}
-        for code in (ExitCode.RUNTIME, ExitCode.CONTRACT, ExitCode.FIDELITY):
-            if int(code) in codes:
-                return int(code)
-        return int(ExitCode.OK)
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every figure, JSON-ready (non-finite floats become null)."""
-        return json.loads(self.model_dump_json())
-
-
-def report_json_schema() -> dict[str, Any]:
-    """JSON Schema of the ``--json`` report."""
-    schema = VerifyReport.model_json_schema(mode="serialization")
-    schema["$id"] = f"https://packager.dev/schema/verify-report-v{REPORT_VERSION}.json"
-    return schema
+# The report models live in packager.fidelity.report (the renderers read them there); imported
+# here, where they were defined before, so `from packager.verifying import VerifyReport` works.
+__all__ = ["REFERENCE_PREFERENCE", "REPORT_VERSION", "VERDICT_CODES", "CaseResult", "Verification", "VerifyOptions",
+           "VerifyReport", "VerifyRow", "Worst", "describe", "report_json_schema", "verify"]
 
 
 # --- references -------------------------------------------------------------------------------
@@ -374,6 +253,328 @@ def _finish(row: VerifyRow) -> None:
 
 
 # --- the engine -------------------------------------------------------------------------------
+@dataclass
+class _Cell:
+    """One artifact x runtime x device cell while it runs: its row, its runner and its runs."""
+
+    row: VerifyRow
+    runner: Any
+    artifact: Artifact
+    #: The golden run's outputs, or the exception it raised.
+    golden: Any = None
+    #: The golden case is judged at the end, with the other cases (not needed to pick a reference).
+    deferred: bool = False
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What :func:`verify` was asked to do (its keyword arguments, documented there)."""
+
+    formats: Iterable[str] | None = None
+    runtimes: Iterable[str] | None = None
+    devices: Iterable[str] = ("cpu",)
+    atol: float | Mapping[str, float] | None = None
+    rtol: float | Mapping[str, float] | None = None
+    reference: str = "auto"
+    source: str | Path | None = None
+    builder: str | None = None
+    state_key: str | None = None
+    trust: bool = False
+    inputs: str | Path | Mapping[str, np.ndarray] | None = None
+    sweep: bool = True
+    random: bool = False
+    seed: int = 0
+    input_ranges: Mapping[str, tuple[float, float]] | None = None
+    structure: bool = True
+
+
+class Verification:
+    """One verification of a package, phase by phase (:attr:`PHASES`, in that order).
+
+    Constructing it opens the package and checks the options (bad ones raise before any
+    runner loads); :meth:`run` runs the phases and returns the report. Each phase reads and
+    writes the state on ``self`` (cells, cases, judge, live reference, queued runs).
+    """
+
+    #: The phases :meth:`run` calls, in order (the runners close between ``sweep`` and ``judge``).
+    PHASES = ("static_checks", "load_cells", "golden", "live_reference", "sweep", "judge", "finish")
+
+    def __init__(self, path: str | Path, options: VerifyOptions = VerifyOptions()) -> None:
+        self.start = time.perf_counter()
+        self.path, self.options = path, options
+        self._open_package()
+        self._check_options()
+        self.report = VerifyReport(package=str(path), name=self.manifest.name,
+                                   reference="eager" if self.eager else "golden")
+        self.static: dict[str, tuple[list[str], list[Check]]] = {}
+        self.cases: list[Case] = []
+        self.cells: list[_Cell] = []
+        #: The one judge (:mod:`packager.fidelity.judge`): tolerances, noise record, noise floors.
+        self.rules: Judge = judge_for(self.manifest, options.atol, options.rtol)
+        self.golden_ref: Mapping[str, np.ndarray] | None = None
+        self.live: Any = self.eager
+        self.live_outputs: dict[str, dict[str, np.ndarray] | str] = {}
+        #: Runs done, judged in :meth:`judge`: (row, case, reference, its label, outcome).
+        self.pending: list[tuple[VerifyRow, Case, Any, str, Any]] = []
+        #: Batch-consistency runs: (row, batched case, batched outcome, one outcome per row).
+        self.consistency: list[tuple[VerifyRow, Case, Any, list[Any]]] = []
+
+    def run(self) -> VerifyReport:
+        """Run every phase and return the report."""
+        self.static_checks()
+        try:
+            self.load_cells()
+            self.golden()
+            self.live_reference()
+            self.sweep()
+        finally:
+            self.close()
+        self.judge()
+        return self.finish()
+
+    # --- setup ----------------------------------------------------------------------------
+    def _open_package(self) -> None:
+        from runtimes import parse_device
+
+        # The ONNX graphs and golden data are parsed from the very bytes that were hashed.
+        self.package = package = Package(self.path, verify=False)
+        self.manifest = manifest = package.manifest
+        package.verify_integrity(keep=[a.path for a in manifest.artifacts if a.format == "onnx"] +
+                                 ([manifest.golden.inputs.path, manifest.golden.outputs.path]
+                                  if manifest.golden else []))
+        self.signature = _parse_ranges(self.options.input_ranges, manifest.signature)
+        self.devices = [str(parse_device(d)) for d in self.options.devices]
+        if not self.devices:
+            raise UsageError("--device", "lists no device", expected="cpu, cuda or cuda:N")
+
+    def _check_options(self) -> None:
+        opts, manifest = self.options, self.manifest
+        self.eager = None
+        if opts.reference == "eager":
+            self.eager = _EagerReference(self.package, str(opts.source) if opts.source else None, opts.builder,
+                                         opts.state_key, opts.trust)
+        elif opts.reference not in ("auto", "golden") and opts.reference not in manifest.formats:
+            raise UsageError(f"--reference {opts.reference!r}", "is neither auto, golden, eager nor a format of "
+                             "this package", expected=["auto", "golden", "eager", *manifest.formats],
+                             got=opts.reference)
+        if manifest.golden is None and self.eager is None:
+            raise UsageError(str(self.path), "has no golden data to verify against",
+                             fix="re-export the package, or pass --reference eager --source CHECKPOINT")
+        self.golden_in, self.golden_out = self.package.golden() if manifest.golden else ({}, {})
+        if not self.golden_in:
+            self.golden_in = self.signature.example_inputs(seed=opts.seed)
+        self.wanted = list(opts.formats) if opts.formats else None
+        unknown = [f for f in self.wanted or [] if f not in manifest.formats]
+        if unknown:
+            raise UsageError(f"format(s) {unknown}", "are not in this package", expected=manifest.formats,
+                             got=unknown, fix=f"{did_you_mean(unknown, manifest.formats)}pass --format with names "
+                             "from the expected list")
+        self.wanted_rt = set(opts.runtimes) if opts.runtimes else None
+
+    def _artifacts(self) -> list[Artifact]:
+        return [a for a in self.manifest.artifacts if not self.wanted or a.format in self.wanted]
+
+    # --- phases ---------------------------------------------------------------------------
+    def static_checks(self) -> None:
+        """Per artifact (shared by its runtime/device cells): the ONNX graph's contract and
+        structure, and int value ranges read from it; then plan the cases."""
+        for art in self._artifacts():
+            if art.format == "onnx":
+                self._check_onnx(art)
+        for spec in self.signature.inputs:
+            if spec.dtype.startswith(("int", "uint")) and spec.value_range is None and self.options.sweep:
+                self.report.notes.append(f"integer input {spec.name!r} has no declared value range; generated "
+                                         "values are 0 or 1 (pass --input-range NAME:LOW:HIGH)")
+        self._plan()
+
+    def _check_onnx(self, art: Artifact) -> None:
+        from packager.fidelity.onnx_checks import load_light, structural_checks
+
+        file = self.package.resolve(art.path)
+        try:
+            light = load_light(file, self.package.take_bytes(art.path))
+        except Exception as exc:
+            self.static[art.format] = ([], [Check(name="onnx.load", passed=False, severity="runtime",
+                                                  detail=str(exc).splitlines()[0][:300])])
+            return
+        self.static[art.format] = (onnx_contract(light.model, self.signature),
+                                   structural_checks(file, light) if self.options.structure else [])
+        extra = {k: v for k, v in onnx_int_ranges(light.model, self.signature).items()
+                 if k not in (self.options.input_ranges or {})}
+        if extra:
+            self.signature = _parse_ranges(extra, self.signature)
+            self.report.notes.append(f"value ranges read from the ONNX embedding tables: {extra}")
+        del light  # the parsed file's memory goes back before runtimes load it
+
+    def _plan(self) -> None:
+        opts = self.options
+        user = _load_user_inputs(opts.inputs, self.signature) if opts.inputs is not None else None
+        cases = plan_cases(self.signature, self.golden_in, self.golden_out, sweep=opts.sweep, user_inputs=user,
+                           random_case=opts.random, seed=opts.seed)
+        if self.eager is not None:
+            for case in cases:  # every case is judged against a fresh eager run
+                case.reference, case.reference_label = None, ""
+        self.report.cases = [c.name for c in cases]
+        self.report.notes += cases[0].notes  # sweep notes concern the whole package, not one case
+        cases[0].notes = []
+        self.cases = cases
+
+    def load_cells(self) -> None:
+        """Open every artifact x runtime x device cell (a load failure is that cell's error)."""
+        for art in self._artifacts():
+            for runtime in art.runtimes:
+                if self.wanted_rt and runtime not in self.wanted_rt:
+                    continue
+                for device in self.devices:
+                    self.cells.append(self._load_cell(art, runtime, device))
+                    self.report.rows.append(self.cells[-1].row)
+        if self.wanted_rt and not self.cells:
+            known = sorted({r for a in self.manifest.artifacts for r in a.runtimes})
+            wanted = sorted(self.wanted_rt)
+            raise UsageError(f"runtime(s) {wanted}", "load no artifact of this package", expected=known, got=wanted,
+                             fix=f"{did_you_mean(wanted, known)}pass --runtime with names from the expected list")
+
+    def _load_cell(self, art: Artifact, runtime: str, device: str) -> _Cell:
+        from runtimes import select_artifact
+
+        row = VerifyRow(format=art.format, runtime=runtime, device=device,
+                        conversion=conversion_kind(art.format, art.options))
+        row.contract, row.structure = self.static.get(art.format, ([], []))
+        cell_start = time.perf_counter()
+        runner = None
+        try:
+            runner = select_artifact(self.package, art, runtime, signature=self.signature).open(device)
+            row.notes += list(runner.notes)
+            if art.format != "onnx":  # ONNX graphs were checked in detail above
+                row.contract = row.contract + _native_problems(runner, self.signature)
+        except Exception as exc:  # runners may leak their backend's own exceptions
+            row.error = f"failed to load: {describe(exc)}"
+        row.seconds = time.perf_counter() - cell_start
+        return _Cell(row, runner, art)
+
+    def golden(self) -> None:
+        """Run the golden case on every cell; judge it now where the live reference is to be
+        picked from the cells (or the run failed), else later with the other cases."""
+        golden = self.cases[0]
+        self.golden_ref = golden.reference
+        if self.eager is not None:
+            self._eager_golden(golden)
+        # Every run first, every comparison after: ONNX Runtime's worker threads spin for a while
+        # after each run, and Python work interleaved with runs would compete with them.
+        for cell in self._running():
+            t0 = time.perf_counter()
+            cell.golden = _attempt(cell.runner, golden.inputs)
+            cell.row.seconds += time.perf_counter() - t0
+        for cell in self._running():
+            if self._picks_live() or isinstance(cell.golden, BaseException):
+                cell.row.cases.append(_run_case(golden, self.golden_ref, golden.reference_label, cell.golden,
+                                                cell.row, self.signature, self.rules))
+            else:
+                cell.deferred = True
+
+    def _eager_golden(self, golden: Case) -> None:
+        assert self.eager is not None
+        try:
+            self.golden_ref, self.rules.floors = _run_reference_twice(self.eager, golden.inputs, self.report)
+        except PackagerError:
+            raise
+        except Exception as exc:
+            raise InputError(self.eager.label, f"failed on the golden inputs ({describe(exc)})",
+                             fix="check --source and --builder") from exc
+        golden.reference, golden.reference_label = self.golden_ref, self.eager.label
+
+    def _running(self) -> list[_Cell]:
+        return [c for c in self.cells if c.runner is not None]
+
+    def _needs_live(self) -> list[Case]:
+        return [c for c in self.cases[1:] if c.reference is None]
+
+    def _picks_live(self) -> bool:
+        """A live reference artifact is to be picked from the cells (by their golden verdicts)."""
+        return self.eager is None and bool(self._needs_live()) and self.options.reference != "golden"
+
+    def live_reference(self) -> None:
+        """Pick the live reference for cases with new inputs and run it on them (the first
+        pair of runs also measures its noise floor)."""
+        if self._picks_live():
+            self.live = _pick_reference(self.cells, self.options.reference, self.report)
+        self.report.live_reference = self.live.label if self.live is not None else None
+        if self.live is None:
+            return
+        for i, case in enumerate(self._needs_live()):
+            try:
+                if i == 0 and self.eager is None:
+                    self.live_outputs[case.name], self.rules.floors = _run_reference_twice(self.live, case.inputs,
+                                                                                          self.report)
+                    continue
+                self.live_outputs[case.name] = self.live.run(case.inputs)
+            except Exception as exc:
+                self.live_outputs[case.name] = f"none: the reference failed on these inputs ({describe(exc)})"
+
+    def sweep(self) -> None:
+        """Run the sweep, user and random cases, then batch consistency, on every cell whose
+        golden run did not fail (runs now, judged in :meth:`judge`)."""
+        base = next((c for c in self.cases if c.consistency), None) if self.options.sweep else None
+        for cell in self._running():
+            if cell.deferred or cell.row.cases and cell.row.cases[0].verdict != "runtime":
+                t0 = time.perf_counter()
+                self._sweep_cell(cell, base)
+                cell.row.seconds += time.perf_counter() - t0
+
+    def _sweep_cell(self, cell: _Cell, base: Case | None) -> None:
+        outcomes = {self.cases[0].name: cell.golden}
+        for case in self.cases[1:]:
+            ref, label = self._reference_for(case, cell)
+            outcomes[case.name] = _attempt(cell.runner, case.inputs)
+            self.pending.append((cell.row, case, ref, label, outcomes[case.name]))
+        if base is not None:
+            batched = outcomes[base.name]
+            rows = range(_batch_size(base, self.signature)) if not isinstance(batched, BaseException) else range(0)
+            singles = [_attempt(cell.runner, take_rows(self.signature, base.inputs, [i])) for i in rows]
+            self.consistency.append((cell.row, base, batched, singles))
+
+    def _reference_for(self, case: Case, cell: _Cell) -> tuple[Mapping[str, np.ndarray] | None, str]:
+        """What judges ``case`` on ``cell``, and its label (``None``: the contract only)."""
+        if case.reference is not None:
+            return case.reference, case.reference_label
+        if isinstance(self.live, _ArtifactReference) and self.live.row is cell.row:
+            return None, "none: this artifact is the live reference (contract only)"
+        if self.live is None:
+            return None, "none: no live reference (contract only; pass --reference eager)"
+        outputs = self.live_outputs.get(case.name)
+        if isinstance(outputs, str):
+            return None, outputs
+        return outputs, self.live.label
+
+    def close(self) -> None:
+        """Close every runner opened (also after a failed phase)."""
+        for cell in self._running():
+            cell.runner.close()
+
+    def judge(self) -> None:
+        """Judge every queued run (:class:`_Judging`: one numpy pass per figure over all cases)."""
+        judge, signature, golden = self.rules, self.signature, self.cases[0]
+        judging = _Judging(judge)
+        for cell in self.cells:
+            if cell.deferred:
+                cell.row.cases.insert(0, _run_case(golden, self.golden_ref, golden.reference_label, cell.golden,
+                                                   cell.row, signature, judge, judging))
+        for row, case, ref, label, outcome in self.pending:
+            row.cases.append(_run_case(case, ref, label, outcome, row, signature, judge, judging))
+        for row, case, batched, singles in self.consistency:
+            row.cases.append(_consistency(case, batched, singles, row, signature, judge, judging))
+        judging.finish()
+
+    def finish(self) -> VerifyReport:
+        """Each row's verdict and worst output, the report's notes, versions and time."""
+        for row in self.report.rows:
+            _finish(row)
+        self.report.notes += _degenerate(self.report)
+        self.report.versions = _versions()
+        self.report.seconds = time.perf_counter() - self.start
+        return self.report
+
+
 def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: Iterable[str] | None = None,
            devices: Iterable[str] = ("cpu",), atol: float | Mapping[str, float] | None = None,
            rtol: float | Mapping[str, float] | None = None, reference: str = "auto",
@@ -381,7 +582,7 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
            trust: bool = False, inputs: str | Path | Mapping[str, np.ndarray] | None = None, sweep: bool = True,
            random: bool = False, seed: int = 0, input_ranges: Mapping[str, tuple[float, float]] | None = None,
            structure: bool = True) -> VerifyReport:
-    """Verify every artifact x runtime x device cell of a package.
+    """Verify every artifact x runtime x device cell of a package (:class:`Verification`).
 
     Args:
         path: Package folder.
@@ -407,202 +608,11 @@ def verify(path: str | Path, *, formats: Iterable[str] | None = None, runtimes: 
     Raises:
         UsageError, InputError: Bad options, a missing source, unreadable inputs (exit 2).
     """
-    from runtimes import parse_device, select_artifact
-
-    start = time.perf_counter()
-    # The ONNX graphs and golden data are parsed from the very bytes that were hashed.
-    package = Package(path, verify=False)
-    manifest = package.manifest
-    package.verify_integrity(keep=[a.path for a in manifest.artifacts if a.format == "onnx"] +
-                             ([manifest.golden.inputs.path, manifest.golden.outputs.path] if manifest.golden else []))
-    signature = _parse_ranges(input_ranges, manifest.signature)
-    device_list = [str(parse_device(d)) for d in devices]
-    if not device_list:
-        raise UsageError("--device", "lists no device", expected="cpu, cuda or cuda:N")
-    eager = None
-    if reference == "eager":
-        eager = _EagerReference(package, str(source) if source else None, builder, state_key, trust)
-    elif reference not in ("auto", "golden") and reference not in manifest.formats:
-        raise UsageError(f"--reference {reference!r}", "is neither auto, golden, eager nor a format of this package",
-                         expected=["auto", "golden", "eager", *manifest.formats], got=reference)
-    if manifest.golden is None and eager is None:
-        raise UsageError(str(path), "has no golden data to verify against",
-                         fix="re-export the package, or pass --reference eager --source CHECKPOINT")
-    golden_in, golden_out = package.golden() if manifest.golden else ({}, {})
-    if not golden_in:
-        golden_in = signature.example_inputs(seed=seed)
-    wanted = list(formats) if formats else None
-    unknown = [f for f in wanted or [] if f not in manifest.formats]
-    if unknown:
-        raise UsageError(f"format(s) {unknown}", "are not in this package", expected=manifest.formats, got=unknown,
-                         fix=f"{did_you_mean(unknown, manifest.formats)}pass --format with names from the expected list")
-    wanted_rt = set(runtimes) if runtimes else None
-
-    report = VerifyReport(package=str(path), name=manifest.name, reference="eager" if eager else "golden")
-    # Static checks per artifact (shared by its runtime/device cells), and int ranges from ONNX.
-    static: dict[str, tuple[list[str], list[Check]]] = {}
-    for art in manifest.artifacts:
-        if wanted and art.format not in wanted:
-            continue
-        if art.format == "onnx":
-            from packager.fidelity.onnx_checks import load_light, structural_checks
-
-            file = package.resolve(art.path)
-            try:
-                light = load_light(file, package.take_bytes(art.path))
-            except Exception as exc:
-                static[art.format] = ([], [Check(name="onnx.load", passed=False, severity="runtime",
-                                                 detail=str(exc).splitlines()[0][:300])])
-                continue
-            static[art.format] = (onnx_contract(light.model, signature),
-                                  structural_checks(file, light) if structure else [])
-            extra = {k: v for k, v in onnx_int_ranges(light.model, signature).items()
-                     if k not in (input_ranges or {})}
-            if extra:
-                signature = _parse_ranges(extra, signature)
-                report.notes.append(f"value ranges read from the ONNX embedding tables: {extra}")
-            del light  # the parsed file's memory goes back before runtimes load it
-    for spec in signature.inputs:
-        if spec.dtype.startswith(("int", "uint")) and spec.value_range is None and sweep:
-            report.notes.append(f"integer input {spec.name!r} has no declared value range; generated values are "
-                                "0 or 1 (pass --input-range NAME:LOW:HIGH)")
-
-    user = _load_user_inputs(inputs, signature) if inputs is not None else None
-    cases = plan_cases(signature, golden_in, golden_out, sweep=sweep, user_inputs=user, random_case=random, seed=seed)
-    if eager is not None:
-        for case in cases:  # every case is judged against a fresh eager run
-            case.reference, case.reference_label = None, ""
-    report.cases = [c.name for c in cases]
-    report.notes += cases[0].notes  # sweep notes concern the whole package, not one case
-    cases[0].notes = []
-
-    # Phase 1: load every cell and judge the golden case (the contract first).
-    cells: list[tuple[VerifyRow, Any, Any]] = []
-    try:
-        for art in manifest.artifacts:
-            if wanted and art.format not in wanted:
-                continue
-            for runtime in art.runtimes:
-                if wanted_rt and runtime not in wanted_rt:
-                    continue
-                for device in device_list:
-                    row = VerifyRow(format=art.format, runtime=runtime, device=device,
-                                    conversion=conversion_kind(art.format, art.options))
-                    row.contract, row.structure = static.get(art.format, ([], []))
-                    cell_start = time.perf_counter()
-                    runner = None
-                    try:
-                        runner = select_artifact(package, art, runtime, signature=signature).open(device)
-                        row.notes += list(runner.notes)
-                        if art.format != "onnx":  # ONNX graphs were checked in detail above
-                            row.contract = row.contract + _native_problems(runner, signature)
-                    except Exception as exc:  # runners may leak their backend's own exceptions
-                        row.error = f"failed to load: {describe(exc)}"
-                    row.seconds = time.perf_counter() - cell_start
-                    cells.append((row, runner, art))
-                    report.rows.append(row)
-        if wanted_rt and not cells:
-            known = sorted({r for a in manifest.artifacts for r in a.runtimes})
-            raise UsageError(f"runtime(s) {sorted(wanted_rt)}", "load no artifact of this package",
-                             expected=known, got=sorted(wanted_rt),
-                             fix=f"{did_you_mean(sorted(wanted_rt), known)}pass --runtime with names from the expected list")
-
-        live: Any = eager
-        judge = judge_for(manifest, atol, rtol)
-        golden_ref = cases[0].reference
-        if eager is not None:
-            try:
-                golden_ref, judge.floors = _run_reference_twice(eager, cases[0].inputs, report)
-            except PackagerError:
-                raise
-            except Exception as exc:
-                raise InputError(eager.label, f"failed on the golden inputs ({describe(exc)})",
-                                 fix="check --source and --builder") from exc
-            cases[0].reference, cases[0].reference_label = golden_ref, eager.label
-        # Every run first, every comparison after: ONNX Runtime's worker threads spin for a while
-        # after each run, and Python work interleaved with runs would compete with them.
-        golden_got: dict[int, Any] = {}
-        for row, runner, _art in cells:
-            if runner is not None:
-                t0 = time.perf_counter()
-                golden_got[id(row)] = _attempt(runner, cases[0].inputs)
-                row.seconds += time.perf_counter() - t0
-        # The golden verdicts are needed now only to pick a live reference artifact; otherwise
-        # the numbers are judged after every run, with the other cases.
-        needs_live = [c for c in cases[1:] if c.reference is None]
-        pick_live = live is None and bool(needs_live) and reference != "golden"
-        deferred: dict[int, VerifyRow] = {}
-        for row, runner, _art in cells:
-            if runner is not None:
-                if pick_live or isinstance(golden_got[id(row)], BaseException):
-                    row.cases.append(_run_case(cases[0], golden_ref, cases[0].reference_label, golden_got[id(row)],
-                                               row, signature, judge))
-                else:
-                    deferred[id(row)] = row
-
-        # Phase 2: the live reference for cases with new inputs.
-        if pick_live:
-            live = _pick_reference(cells, reference, report)
-        report.live_reference = live.label if live is not None else None
-        live_outputs: dict[str, dict[str, np.ndarray] | str] = {}
-        for i, case in enumerate(needs_live):
-            if live is None:
-                continue
-            try:
-                if i == 0 and eager is None:  # the first run pair also measures the noise floor
-                    live_outputs[case.name], judge.floors = _run_reference_twice(live, case.inputs, report)
-                    continue
-                live_outputs[case.name] = live.run(case.inputs)
-            except Exception as exc:
-                live_outputs[case.name] = f"none: the reference failed on these inputs ({describe(exc)})"
-
-        # Phase 3: the sweep, user and random cases, then batch consistency (runs now, judged below).
-        pending: list[tuple[VerifyRow, Case, Any, str, Any]] = []
-        consistency: list[tuple[VerifyRow, Case, Any, list[Any]]] = []
-        base = next((c for c in cases if c.consistency), None) if sweep else None
-        for row, runner, _art in cells:
-            if runner is None or id(row) not in deferred and (not row.cases or row.cases[0].verdict == "runtime"):
-                continue
-            t0 = time.perf_counter()
-            outcomes = {cases[0].name: golden_got[id(row)]}
-            for case in cases[1:]:
-                if case.reference is not None:
-                    ref, label = case.reference, case.reference_label
-                elif isinstance(live, _ArtifactReference) and live.row is row:
-                    ref, label = None, "none: this artifact is the live reference (contract only)"
-                elif live is None:
-                    ref, label = None, "none: no live reference (contract only; pass --reference eager)"
-                elif isinstance(live_outputs.get(case.name), str):
-                    ref, label = None, str(live_outputs[case.name])
-                else:
-                    ref, label = live_outputs[case.name], live.label  # type: ignore[assignment]
-                outcomes[case.name] = _attempt(runner, case.inputs)
-                pending.append((row, case, ref, label, outcomes[case.name]))
-            if base is not None:
-                batched = outcomes[base.name]
-                rows = range(_batch_size(base, signature)) if not isinstance(batched, BaseException) else range(0)
-                singles = [_attempt(runner, take_rows(signature, base.inputs, [i])) for i in rows]
-                consistency.append((row, base, batched, singles))
-            row.seconds += time.perf_counter() - t0
-    finally:
-        for _row, runner, _art in cells:
-            if runner is not None:
-                runner.close()
-    judging = _Judging(judge)
-    for row in deferred.values():
-        row.cases.insert(0, _run_case(cases[0], golden_ref, cases[0].reference_label, golden_got[id(row)], row,
-                                      signature, judge, judging))
-    for row, case, ref, label, outcome in pending:
-        row.cases.append(_run_case(case, ref, label, outcome, row, signature, judge, judging))
-    for row, case, batched, singles in consistency:
-        row.cases.append(_consistency(case, batched, singles, row, signature, judge, judging))
-    judging.finish()
-    for row in report.rows:
-        _finish(row)
-    report.notes += _degenerate(report)
-    report.versions = _versions()
-    report.seconds = time.perf_counter() - start
-    return report
+    options = VerifyOptions(formats=formats, runtimes=runtimes, devices=devices, atol=atol, rtol=rtol,
+                            reference=reference, source=source, builder=builder, state_key=state_key, trust=trust,
+                            inputs=inputs, sweep=sweep, random=random, seed=seed, input_ranges=input_ranges,
+                            structure=structure)
+    return Verification(path, options).run()
 
 
 def _run_reference_twice(ref: Any, feeds: Mapping[str, np.ndarray],
@@ -619,11 +629,11 @@ def _run_reference_twice(ref: Any, feeds: Mapping[str, np.ndarray],
     return first, floors
 
 
-def _pick_reference(cells: list[tuple[VerifyRow, Any, Any]], reference: str,
-                    report: VerifyReport) -> _ArtifactReference | None:
+def _pick_reference(cells: list[_Cell], reference: str, report: VerifyReport) -> _ArtifactReference | None:
+    """The first cell of the preferred format (CPU first) that passed its own golden check."""
     order = [reference] if reference not in ("auto", "golden") else list(REFERENCE_PREFERENCE)
-    ok = [(row, runner) for row, runner, _ in cells
-          if runner is not None and row.cases and row.cases[0].passed and not row.contract]
+    ok = [(c.row, c.runner) for c in cells
+          if c.runner is not None and c.row.cases and c.row.cases[0].passed and not c.row.contract]
     for fmt in order:
         for row, runner in sorted(ok, key=lambda rr: rr[0].device != "cpu"):
             if row.format == fmt:

@@ -129,3 +129,19 @@ def test_shared_helpers_are_defined_once(helper: str) -> None:
     where = [n for n, p in MODULES.items() for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
              if isinstance(node, ast.FunctionDef) and node.name in (helper, f"_{helper}")]
     assert len(where) == 1, where
+
+
+RENDERERS = sorted(n for n in MODULES if n.startswith("packager.fidelity.report_"))
+
+
+@pytest.mark.parametrize("name", RENDERERS)
+def test_renderers_read_the_report_models_not_the_orchestrator(name: str) -> None:
+    """The text, JUnit and HTML writers import packager.fidelity.report (type hints included),
+    never packager.verifying, which runs the artifacts."""
+    assert "packager.verifying" not in imports(name)
+    assert "packager.fidelity.report" in imports(name)
+
+
+def test_there_are_renderers_to_check() -> None:
+    assert set(RENDERERS) >= {"packager.fidelity.report_text", "packager.fidelity.report_junit",
+                              "packager.fidelity.report_html"}

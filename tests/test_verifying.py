@@ -322,3 +322,53 @@ def test_the_table_explains_its_terms(mlp_onnx_package: Path) -> None:
     assert proc.returncode == 0
     assert "min atol: the smallest atol that would have passed" in proc.stdout
     assert "tol use: max |err| / (atol + rtol x max|ref|)" in proc.stdout
+
+
+def _summary(report) -> tuple:
+    """What a verification decided (verdicts, cases, references, outputs), without timings or figures."""
+    rows = [(r.format, r.runtime, r.device, r.verdict, r.error,
+             [(c.case, c.verdict, c.reference, [(o.name, o.passed) for o in c.outputs]) for c in r.cases])
+            for r in report.rows]
+    return report.cases, report.live_reference, report.notes, report.exit_code, rows
+
+
+def test_verification_runs_its_phases_in_order(seq_package: Path) -> None:
+    """The class behind ``verify``: every phase once, in order, runners closed before judging;
+    ``verify()`` is that class's report."""
+    from packager.verifying import Verification, VerifyOptions
+
+    calls: list[str] = []
+
+    class Recording(Verification):
+        def close(self) -> None:
+            calls.append("close")
+            super().close()
+
+        def judge(self) -> None:
+            assert all(c.runner._closed for c in self.cells if c.runner is not None)
+            calls.append("judge")
+            super().judge()
+
+    for phase in set(Verification.PHASES) - {"judge"}:
+        def record(self, _phase=phase):
+            calls.append(_phase)
+            return getattr(Verification, _phase)(self)
+        setattr(Recording, phase, record)
+    options = VerifyOptions(formats=["onnx", "torchscript"], random=True)
+    report = Recording(seq_package, options).run()
+    assert calls == [*Verification.PHASES[:5], "close", *Verification.PHASES[5:]]
+    assert report.live_reference and report.live_reference.startswith("artifact torchscript")
+    assert _summary(report) == _summary(packager.verify(seq_package, formats=["onnx", "torchscript"], random=True))
+
+
+def test_a_failed_phase_still_closes_the_runners(mlp_onnx_package: Path) -> None:
+    from packager.verifying import Verification
+
+    class Failing(Verification):
+        def sweep(self) -> None:
+            raise RuntimeError("sweep broke")
+
+    verification = Failing(mlp_onnx_package)
+    with pytest.raises(RuntimeError, match="sweep broke"):
+        verification.run()
+    assert verification.cells and all(c.runner._closed for c in verification.cells)

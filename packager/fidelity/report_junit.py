@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from packager.verifying import VerifyReport
+    from packager.fidelity.report import VerifyReport
 
 
 def render(report: "VerifyReport") -> ET.ElementTree:

@@ -11,7 +11,7 @@ from packager.errors import cli_words
 from packager.tables import print_table
 
 if TYPE_CHECKING:
-    from packager.verifying import VerifyReport
+    from packager.fidelity.report import VerifyReport
 
 _STYLE = {"pass": "green", "numeric": "red", "contract": "magenta", "runtime": "red"}
 
