@@ -456,7 +456,7 @@ def check_parity(path: Path, artifact: Artifact, signature: Signature, inputs: d
     judge it against the reference with :class:`packager.fidelity.judge.Judge`, the rules
     ``verify`` applies (``noise``: the outputs' noise record, as written to the manifest); per
     output, the failing (else the worst) case is kept."""
-    from runtimes import runner_class
+    from runtimes import runner_class, select
     from runtimes.base import manifest_options
 
     runtime = artifact.runtimes[0]
@@ -465,8 +465,11 @@ def check_parity(path: Path, artifact: Artifact, signature: Signature, inputs: d
     per_output: dict[str, Any] = {}
     degenerate: list[str] = []
     try:
-        cls = runner_class(runtime)
-        with cls(path, signature=signature, device=device, **manifest_options(artifact, cls)) as runner:
+        # The selection every caller opens through; a bare artifact, as the package's manifest is
+        # not written yet, and unsigned: public_key=False so $PACKAGER_PUBLIC_KEY cannot refuse it.
+        selection = select(path, artifact.format, runtime, signature=signature, public_key=False,
+                           **manifest_options(artifact, runner_class(runtime)))
+        with selection.open(device, "strict") as runner:
             for case, (feeds, want) in enumerate([(inputs, reference), *extra_cases]):
                 try:
                     got = runner.run(feeds)

@@ -198,3 +198,25 @@ def test_size_estimate_covers_the_package(tmp_path: Path) -> None:
     written = sum(f.size for f in result.manifest.all_files())
     estimate = estimate_package_bytes(loaded, formats, Package(result.path).golden())
     assert written < estimate < 1.3 * written + len(formats) * (1 << 20), (written, estimate)
+
+
+def test_export_parity_opens_its_runners_through_the_selection(tmp_path: Path, monkeypatch) -> None:
+    """Export parity picks and opens each artifact as every other caller does (runtimes.select)."""
+    import runtimes
+
+    chosen: list[tuple[str, str]] = []
+    real = runtimes.select
+
+    def select(*args, **kwargs):
+        selection = real(*args, **kwargs)
+        chosen.append((selection.format, selection.runtime.name))
+        return selection
+
+    monkeypatch.setattr(runtimes, "select", select)
+    # A deploy host's required key is for loading packages: it does not refuse the exporter's own artifacts.
+    monkeypatch.setenv("PACKAGER_PUBLIC_KEY", str(tmp_path / "deploy-key.pem"))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2)).eval()
+    result = packager.export(model, {"x": np.ones((2, 4), np.float32)}, out=tmp_path / "pkg",
+                             formats=["onnx", "torchscript"], isolate=False)
+    assert result.passed
+    assert chosen == [("onnx", "onnxruntime"), ("torchscript", "torchscript")]
