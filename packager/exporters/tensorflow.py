@@ -610,6 +610,7 @@ def _onnx(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
         tf_log.removeHandler(capture)
     if capture.lines:
         ctx.log.append("tf2onnx: " + " | ".join(capture.lines[-10:]))
+    _freeze_captured_constants(model_proto, serve, specs, ctx)
     _rename_onnx(model_proto, ctx, specs)
     try:
         onnx.checker.check_model(model_proto, full_check=True)
@@ -621,6 +622,32 @@ def _onnx(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
     return ArtifactSpec(path=f"{dest.name}/model.onnx",
                         options={"opset": opset, "converter": f"tf2onnx {tf2onnx.__version__}",
                                  **_layout_options(loaded)})
+
+
+def _freeze_captured_constants(model: Any, serve: Any, specs: dict[str, Any], ctx: ExportContext) -> None:
+    """Turn graph inputs that are captured constant tensors into initializers.
+
+    Keras 3 keeps some layer state as plain tensors, not variables (a ``Normalization`` layer's
+    mean and variance, as in EfficientNet); a ``tf.function`` captures them as placeholders,
+    which tf2onnx's variable freezing leaves as extra graph inputs. Their values are the
+    captured tensors themselves, so they become constants of the ONNX graph.
+    """
+    from onnx import numpy_helper
+
+    from runtimes._tf import import_tf
+
+    tf = import_tf()
+    # The same input signature returns tf2onnx's (cached) concrete function, so the names match.
+    graph = serve.get_concrete_function(specs).graph
+    values = {internal.name: external for external, internal in graph.captures
+              if external.dtype != tf.resource and hasattr(external, "numpy")}
+    frozen = [value for value in model.graph.input if value.name in values]
+    for value in frozen:
+        model.graph.initializer.append(numpy_helper.from_array(values[value.name].numpy(), value.name))
+        model.graph.input.remove(value)
+    if frozen:
+        ctx.log.append(f"tf2onnx: {len(frozen)} captured constant tensor(s) frozen into the graph: "
+                       + ", ".join(v.name for v in frozen)[:300])
 
 
 def _rename_onnx(model: Any, ctx: ExportContext, specs: dict[str, Any]) -> None:

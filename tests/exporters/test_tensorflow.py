@@ -180,6 +180,25 @@ def test_sequential_and_subclassed_models_get_clean_names(tmp_path):
     _golden_matches(result.path, [np.asarray(ref["main"]), np.asarray(ref["aux"])])
 
 
+def test_layer_state_held_as_tensors_is_frozen_into_the_onnx_graph(tmp_path):
+    """A Normalization layer keeps its mean/variance as captured tensors, not variables (as in
+    keras.applications.EfficientNet); tf2onnx used to leave them as extra graph inputs."""
+    tf.random.set_seed(0)
+    model = keras.Sequential([keras.Input((4,), name="x"),
+                              keras.layers.Normalization(mean=[1.0, 2.0, 3.0, 4.0], variance=[1.0, 4.0, 9.0, 16.0]),
+                              keras.layers.Dense(3)])
+    x = np.random.default_rng(0).normal(2.0, 3.0, (5, 4)).astype(np.float32)
+    packager.export(model, {"x": x}, out=tmp_path / "pkg", formats=["onnx"])
+    graph = onnx.load(str(tmp_path / "pkg" / "onnx" / "model.onnx")).graph
+    assert [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}] == ["x"]
+    assert packager.verify(str(tmp_path / "pkg")).exit_code == 0
+    import runtimes
+
+    with runtimes.load(str(tmp_path / "pkg"), format="onnx") as runner:
+        got = next(iter(runner.run({"x": x[:3]}).values()))
+    np.testing.assert_allclose(got, _eager(model, {"x": x[:3]})[0], atol=1e-5)
+
+
 def test_input_spec_only_and_opset_choice(keras_cnn, tmp_path):
     model, _ = keras_cnn
     result = packager.export(model, out=tmp_path / "pkg", formats=["onnx"], opset=13,

@@ -15,9 +15,10 @@ def _images(batch: int, seed: int, channels_last: bool, size: int = 32) -> np.nd
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-# EfficientNetB0 to ONNX is left out: tf2onnx turns its Normalization layer's constants into
-# extra graph inputs, which the exporter refuses (exit 4) -- a known defect, not a verdict.
-KERAS = {"MobileNetV3Small": ("saved_model", "onnx"), "EfficientNetB0": ("saved_model",)}
+# EfficientNetB0's Normalization layer keeps its constants as captured tensors, which tf2onnx
+# left as extra graph inputs until the exporter froze them (a regression case).
+KERAS = {"MobileNetV3Small": ("saved_model", "onnx"), "EfficientNetB0": ("saved_model", "onnx"),
+         "ResNet50": ("saved_model", "onnx")}
 
 
 @pytest.mark.slow
