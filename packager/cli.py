@@ -32,7 +32,7 @@ app = typer.Typer(name="packager", help="Export trained models to verified deplo
 # Text parts instead (see _styled).
 out = Console(markup=False, highlight=False)
 err = Console(stderr=True, markup=False, highlight=False)
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "quiet": False, "verbose": 0}
 
 
 def _print_version(value: bool) -> None:
@@ -47,8 +47,15 @@ def _print_version(value: bool) -> None:
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and converter logs (accepted before "
                                      "or after the command)."),
           version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                       help="Print the packager version and exit.")) -> None:
+                                       help="Print the packager version and exit."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line and errors: no progress, "
+                                     "tables, notes or warnings (run: the summary line goes too with --json or "
+                                     "--progress-log -). Accepted before or after the command."),
+          verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Show packager's logs (export phases, "
+                                      "converter logs, an error's details); -vv adds debug detail. Accepted "
+                                      "before or after the command.")) -> None:
     _state["debug"] = debug
+    _set_verbosity(quiet, verbose)
     _print_packager_warnings()
 
 
@@ -63,6 +70,8 @@ def _print_packager_warnings() -> None:
     def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
              line: Any = None) -> None:
         if category.__module__.startswith("packager"):
+            if _state["quiet"]:
+                return
             err.print(_styled(("warning", "bold yellow"), f" {message}"), soft_wrap=True)
         else:
             shown(message, category, filename, lineno, file, line)
@@ -146,9 +155,11 @@ def export(
     if as_json:
         out.print_json(result.manifest.model_dump_json())
     else:
-        _print_artifacts(result.manifest)
+        if not quiet():
+            _print_artifacts(result.manifest)
         out.print(_styled(("wrote" if result.passed else "wrote (PARITY FAILED)", "bold"), f" {result.path}"))
-        _note_generated_output_names(result.manifest)
+        if not quiet():
+            _note_generated_output_names(result.manifest)
     if not result.passed:
         raise typer.Exit(int(ExitCode.FIDELITY))
 
@@ -225,7 +236,7 @@ def verify(
         from packager.fidelity.report_text import print_report
 
         _signature_ok(package)
-        print_report(report, out, title=f"verify {package}")
+        print_report(report, out, title=f"verify {package}", summary_only=quiet())
     raise typer.Exit(int(report.exit_code))
 
 
@@ -264,8 +275,6 @@ def run(
     public_key: Optional[Path] = typer.Option(None, "--public-key", help="PEM public key: the package's signature "
                                               "(model.sig) must verify before it is loaded (default: "
                                               "$PACKAGER_PUBLIC_KEY)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output or notes (the one-line summary stays, unless "
-                               "--json or --progress-log - asks for machine output)."),
     progress_log: Optional[str] = typer.Option(None, "--progress-log", help="Write JSON-lines progress to this "
                                                "file ('-': stderr; the default when stderr is not a terminal)."),
     engine: str = typer.Option("local", "--engine", help="local, or ray (Ray Data; several machines)."),
@@ -288,6 +297,7 @@ def run(
         raise UsageError("--address/--num-workers", "only apply to --engine ray", got=f"--engine {engine}",
                          fix="add --engine ray or drop them")
     interactive = err.is_terminal
+    quiet = _state["quiet"]
     config = RunConfig(batch_size=batch_size, on_error=on_error, allow_nan=allow_nan, id_column=id_column,
                        output_format=output_format, rejects=rejects, overwrite=overwrite, shard_rows=shard_rows,
                        threads=threads, progress_bar=interactive and not quiet,
@@ -562,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(argv: list[str], debug: bool, interrupted: threading.Event) -> int:
     command = typer.main.get_command(app)
+    _state.update(debug=debug, quiet=False, verbose=0)
+    _document_common_options(command)
     try:
         # Standalone mode: typer/click print their own usage errors (exit 2) and turn
         # typer.Exit into SystemExit; our errors propagate to the handlers below.
@@ -570,7 +582,7 @@ def _dispatch(argv: list[str], debug: bool, interrupted: threading.Event) -> int
     except SystemExit as exc:
         if exc.code == 130 and _interrupted_by_typer(exc):
             # typer turns Ctrl-C into a silent exit 130 before it reaches the handler below.
-            err.print("interrupted; nothing was left half-written")
+            err.print(interrupted_line(argv), soft_wrap=True)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else int(ExitCode.USAGE))
     except (Exception, KeyboardInterrupt) as exc:
         if isinstance(exc, KeyboardInterrupt) or interrupted.is_set():
@@ -578,7 +590,7 @@ def _dispatch(argv: list[str], debug: bool, interrupted: threading.Event) -> int
             # converter) that turned it into another error: the user's interrupt, not a bug.
             if debug and not isinstance(exc, KeyboardInterrupt):
                 err.print_exception()
-            err.print("interrupted; nothing was left half-written")
+            err.print(interrupted_line(argv), soft_wrap=True)
             return 130
         if isinstance(exc, PackagerError):
             return _report(exc, debug)
@@ -612,6 +624,23 @@ def _watch_sigint() -> tuple[threading.Event, Any]:
     return seen, previous
 
 
+#: What a Ctrl-C in each command kept, and how to go on (one line; ``run`` prints its own).
+INTERRUPTED = {
+    "export": "no package was written (the destination is unchanged); run the same command again to export",
+    "verify": "the package is unchanged and no report was written; run the same command again",
+    "bench": "nothing was written; run the same command again",
+    "pack": "no archive was written; run the same command again",
+    "sign": "the package is unchanged (no model.sig written); run the same command again",
+    "demo": "packages already exported are kept; run the same command again to redo the rest",
+}
+
+
+def interrupted_line(argv: list[str]) -> str:
+    """The Ctrl-C line for the command in ``argv``: what was kept and how to go on."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    return f"interrupted; nothing was left half-written: {INTERRUPTED.get(command, 'run the command again')}"
+
+
 def _interrupted_by_typer(exc: BaseException) -> bool:
     """Whether ``exc`` is typer's ``Exit(130) from KeyboardInterrupt`` (our own handlers raise
     ``Exit(130) from None`` after printing their message)."""
@@ -625,21 +654,68 @@ def _interrupted_by_typer(exc: BaseException) -> bool:
     return False
 
 
+def _set_verbosity(quiet: bool, verbose: int) -> None:
+    import logging
+
+    if quiet and verbose:
+        raise UsageError("-q/--quiet and -v/--verbose", "contradict each other", fix="pass one of them")
+    _state.update(quiet=quiet, verbose=verbose)
+    logger = logging.getLogger("packager")
+    # main() may run several times in one process (tests, embedding): start from the default.
+    for handler in [h for h in logger.handlers if getattr(h, "_packager", False)]:
+        logger.removeHandler(handler)
+    logger.propagate = True
+    # Without -v, INFO lines stay out even where a framework (Paddle) configured the root logger.
+    logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+    if verbose:
+        # Library logs (export phases, converter logs, parity workers) as plain 'packager.x: ...' lines.
+        logger.setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler._packager = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False  # once, not again through a root handler a framework installed
+
+
+#: Printed under every command's --help: these options are the root's, accepted anywhere.
+COMMON_OPTIONS = ("Every command also takes -q/--quiet, -v/--verbose (-vv) and --debug, before or after its "
+                  "name.")
+
+
+def _document_common_options(group: Any) -> None:
+    for command in group.commands.values():
+        if COMMON_OPTIONS not in (command.epilog or ""):
+            command.epilog = f"{command.epilog}\n\n{COMMON_OPTIONS}" if command.epilog else COMMON_OPTIONS
+
+
+def quiet() -> bool:
+    """Whether -q/--quiet was given (before or after the command)."""
+    return bool(_state["quiet"])
+
+
+#: Root options accepted anywhere before a ``--``: they move to the front, where the root parses them.
+HOISTED = ("--debug", "-q", "--quiet", "-v", "-vv", "--verbose")
+
+
 def _hoist_debug(argv: list[str]) -> tuple[list[str], bool]:
-    """``--debug`` anywhere before a ``--`` (``packager verify PKG --debug``) moves to the front,
-    where the top-level option is parsed: subcommands do not declare it themselves."""
+    """``--debug``, ``-q``/``--quiet`` and ``-v``/``--verbose`` anywhere before a ``--``
+    (``packager verify PKG --debug -v``) move to the front, where the root parses them:
+    subcommands do not declare them themselves. Returns the arguments and whether --debug was given."""
     end = argv.index("--") if "--" in argv else len(argv)
-    if "--debug" not in argv[:end]:
+    hoisted = [a for a in argv[:end] if a in HOISTED]
+    if not hoisted:
         return argv, False
-    rest = [a for a in argv[:end] if a != "--debug"] + argv[end:]
-    return ["--debug", *rest], True
+    # A repeated flag once; -v counts, so every -v stays.
+    hoisted = [a for i, a in enumerate(hoisted) if a in ("-v", "-vv", "--verbose") or a not in hoisted[:i]]
+    rest = [a for a in argv[:end] if a not in HOISTED] + argv[end:]
+    return [*hoisted, *rest], "--debug" in hoisted
 
 
 def _report(exc: PackagerError, debug: bool) -> int:
     if debug:
         err.print_exception()
-        if exc.details:
-            err.print(exc.details)
+    if (debug or _state["verbose"]) and exc.details:
+        err.print(exc.details, soft_wrap=True)
     err.print(_styled(("error", "bold red"), f" {exc.cli_message}"), soft_wrap=True)
     return int(exc.exit_code)
 

@@ -1,6 +1,7 @@
 """The real CLI in subprocesses: exit codes, one-line errors, no framework imports where none is needed."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -302,6 +303,69 @@ def test_debug_is_hoisted_only_before_a_double_dash():
     assert _hoist_debug(["--debug", "verify", "--debug"]) == (["--debug", "verify"], True)
     assert _hoist_debug(["verify", "p"]) == (["verify", "p"], False)
     assert _hoist_debug(["run", "--", "--debug"]) == (["run", "--", "--debug"], False)
+    # -q/-v move too (the root parses them); -v counts, so each stays; a flag after -- stays put.
+    assert _hoist_debug(["verify", "p", "-v", "-v", "-q"]) == (["-v", "-v", "-q", "verify", "p"], False)
+    assert _hoist_debug(["export", "m", "--quiet", "--", "-v"]) == (["--quiet", "export", "m", "--", "-v"], False)
+
+
+def test_every_command_documents_the_common_options_in_its_help():
+    import typer
+
+    from packager.cli import app
+
+    for name in typer.main.get_command(app).commands:
+        proc = run_cli(name, "--help")
+        assert proc.returncode == 0, (name, proc.stderr)
+        text = " ".join(proc.stdout.split())
+        assert "-q/--quiet, -v/--verbose (-vv) and --debug" in text, (name, proc.stdout)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_export_and_verify_print_only_the_result_line(saved, tmp_path, where):
+    pkg = tmp_path / "pkg"
+    export = ["export", str(saved / "w.pth"), "--builder", "sample_models.torch_models:build_mlp",
+              "--example-inputs", str(saved / "ex.npz"), "--formats", "onnx", "--out", str(pkg)]
+    quiet = (lambda args: ["-q", *args]) if where == "before" else (lambda args: [*args, "--quiet"])
+    proc = run_cli(*quiet(export))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"wrote {pkg}"] and proc.stderr == ""
+    proc = run_cli(*quiet(["verify", str(pkg)]))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("PASS: "), proc.stdout
+    loud = run_cli("verify", str(pkg))
+    assert loud.returncode == 0 and len(loud.stdout.splitlines()) > 3 and loud.stdout.splitlines()[-1][:5] == "PASS:"
+
+
+def test_quiet_run_keeps_the_summary_line_and_drops_the_notes(mlp_onnx_package, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((7, 16), np.float32))
+    args = ["run", str(mlp_onnx_package), "--input", str(tmp_path / "x.npy")]
+    loud = run_cli(*args, "--output", str(tmp_path / "a.npz"))
+    quiet = run_cli("-q", *args, "--output", str(tmp_path / "b.npz"))
+    assert loud.returncode == quiet.returncode == 0, quiet.stderr
+    # Without a terminal, run writes JSON-lines progress to stderr; -q leaves the summary line alone.
+    assert quiet.stdout == "" and len(quiet.stderr.splitlines()) == 1, quiet.stderr
+    assert quiet.stderr.startswith("wrote 7 of 7 rows to "), quiet.stderr
+    assert '"event": "progress"' in loud.stderr and loud.stderr.splitlines()[-1].startswith("wrote 7 of 7 rows")
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["output"], np.load(tmp_path / "b.npz")["output"])
+
+
+def test_verbose_export_shows_the_export_phases(saved, tmp_path):
+    proc = run_cli("export", str(saved / "w.pth"), "--builder", "sample_models.torch_models:build_mlp",
+                   "--example-inputs", str(saved / "ex.npz"), "--formats", "onnx,torchscript",
+                   "--out", str(tmp_path / "pkg"), "-v")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^packager: exported onnx \(onnx/model\.onnx\) in [0-9.]+ s$", proc.stderr, re.M), proc.stderr
+    assert re.search(r"^packager: exported torchscript ", proc.stderr, re.M), proc.stderr
+    plain = run_cli("export", str(saved / "w.pth"), "--builder", "sample_models.torch_models:build_mlp",
+                    "--example-inputs", str(saved / "ex.npz"), "--formats", "onnx", "--out", str(tmp_path / "p2"))
+    assert plain.returncode == 0 and "packager: exported" not in plain.stderr
+
+
+def test_quiet_and_verbose_together_is_a_usage_error(tmp_path):
+    proc = run_cli("-q", "verify", str(tmp_path), "-v")
+    assert proc.returncode == 2, proc.stderr
+    assert "contradict" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_every_output_option_has_o_and_both_long_names():
@@ -378,6 +442,8 @@ def test_ctrl_c_in_any_command_prints_the_message_exits_130_and_leaves_nothing(t
         proc.kill()
     assert proc.returncode == 130, stderr
     assert "interrupted; nothing was left half-written" in stderr and "Traceback" not in stderr
+    # One line: what was kept, and how to go on.
+    assert "no package was written (the destination is unchanged); run the same command again" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["building", "slowbuild.py", "w.pt"]
 
 

@@ -26,8 +26,18 @@ def _g(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def print_report(report: "VerifyReport", console: Console, title: str | None = None) -> None:
-    """Print the matrix, then every failing case and the notes."""
+def print_report(report: "VerifyReport", console: Console, title: str | None = None,
+                 summary_only: bool = False) -> None:
+    """Print the matrix, then every failing case and the notes (``summary_only``: the last line)."""
+    if not summary_only:
+        _print_details(report, console, title)
+    verdict = ("PASS", "green") if report.passed else ("FAIL", "red")
+    console.print(Text.assemble(verdict, "" if report.passed else f" (exit {report.exit_code})",
+                                f": {len(report.rows)} cell(s), cases {', '.join(report.cases)}; live reference: "
+                                f"{report.live_reference or 'none'}; {report.seconds:.2f} s"), highlight=False)
+
+
+def _print_details(report: "VerifyReport", console: Console, title: str | None) -> None:
     rows = []
     for row in report.rows:
         style = _STYLE.get(row.verdict, "red")
@@ -66,7 +76,3 @@ def print_report(report: "VerifyReport", console: Console, title: str | None = N
                               highlight=False, soft_wrap=True)
     for note in report.notes:
         console.print(Text.assemble(("note", "yellow"), f": {note}"), highlight=False, soft_wrap=True)
-    verdict = ("PASS", "green") if report.passed else ("FAIL", "red")
-    console.print(Text.assemble(verdict, "" if report.passed else f" (exit {report.exit_code})",
-                                f": {len(report.rows)} cell(s), cases {', '.join(report.cases)}; live reference: "
-                                f"{report.live_reference or 'none'}; {report.seconds:.2f} s"), highlight=False)
