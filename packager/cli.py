@@ -307,10 +307,12 @@ def run(
     try:
         summary = run_dataset(package, input_path, output_path, format=fmt, runtime=runtime, device=device,
                               cast=cast, config=config, verify=not skip_integrity)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # Caught here: click would turn it into "Aborted!" and exit 1 before main() sees it.
-        err.print("interrupted; nothing was left half-written. Run the same command again to resume from the "
-                  "last finished shard.", soft_wrap=True)
+        saved = getattr(exc, "saved", None)
+        kept = (f"{saved} of {exc.rows} rows are saved in finished shards; run the same command again to resume "  # type: ignore[attr-defined]
+                f"from row {saved}" if saved is not None else "nothing was written; run the same command again")
+        err.print(f"interrupted; nothing was left half-written: {kept}", soft_wrap=True)
         raise typer.Exit(130) from None
     if as_json:
         out.print_json(json.dumps(summary.to_dict()))

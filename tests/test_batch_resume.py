@@ -190,3 +190,27 @@ def test_other_arguments_do_not_resume_someone_elses_shards(mlp_onnx_package: Pa
     other.overwrite = True
     summary = run_dataset(mlp_onnx_package, source, out, config=other)
     assert summary.resumed_from == 0 and summary.written == ROWS - len(BAD)
+
+
+def test_small_outputs_are_cut_into_shards_by_time_so_a_kill_loses_bounded_work(tmp_path: Path) -> None:
+    """A classifier writes a few bytes a row: cutting shards by output size alone (32 MB) would
+    keep millions of rows in memory, all lost to a kill. With no --shard-rows, a shard is also
+    cut once SHARD_SECONDS of work are buffered (the clock is driven here, not slept on)."""
+    from packager.batch.core import ChunkResult
+    from packager.batch.sink import SHARD_BYTES, SHARD_SECONDS, OutputSink, resolve_output
+
+    now = [0.0]
+    out = resolve_output(tmp_path / "o.npz", None, "npz", "raise")
+    journal = Journal(out.path, {"case": "time cut"})
+    journal.open(overwrite=False)
+    sink = OutputSink(out, journal, shard_rows=None, clock=lambda: now[0])
+    logits = np.zeros((100, 10), np.float32)  # 4 kB a chunk: SHARD_BYTES is far away
+    assert 50 * logits.nbytes < SHARD_BYTES
+    for i in range(50):
+        now[0] += SHARD_SECONDS / 10  # each chunk takes a tenth of the interval
+        sink.add(ChunkResult(i * 100, 100, {"logits": logits}))
+    assert [e.rows for e in journal.entries] == [1000] * 5  # one shard per SHARD_SECONDS of work
+    sink.finalize()
+    journal.close()
+    with np.load(out.path) as data:
+        assert data["logits"].shape == (5000, 10)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -401,11 +402,16 @@ def test_sigint_prints_the_message_exits_130_and_the_run_resumes(mlp_onnx_packag
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert records[-1]["event"] == "interrupted" and "done" not in [r["event"] for r in records]
     assert not out.exists() and _shards(out) >= 1 and not lock_path(out).exists()
+    # The line says how much was kept and how to go on; the log's last event says the same.
+    kept = re.search(r"(\d+) of 200000 rows are saved in finished shards; run the same command again to resume "
+                     r"from row (\d+)", stderr)
+    assert kept and kept[1] == kept[2] and int(kept[1]) >= 200 and int(kept[1]) % 200 == 0, stderr
+    assert records[-1]["saved"] == int(kept[1])
 
     resumed = _run(_cmd(mlp_onnx_package, inputs["big"], out, *args))
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
-    assert summary["resumed_from"] > 0 and summary["written"] == 200_000
+    assert summary["resumed_from"] == int(kept[1]) and summary["written"] == 200_000
     np.testing.assert_allclose(np.load(out), _reference(mlp_onnx_package, inputs["xbig"]), rtol=1e-5, atol=1e-5)
     assert json.loads(log.read_text().splitlines()[-1])["event"] == "done"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

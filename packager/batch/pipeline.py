@@ -137,9 +137,23 @@ def run_dataset(package: str | Path, input_path: str | Path, output: str | Path,
                 progress = Progress(0, log=config.progress_log)
             except OSError:
                 progress = None
+        summary = state.get("summary")
+        interrupted = isinstance(exc, KeyboardInterrupt) and summary is not None
         if progress is not None:
-            progress.close(*_final_event(exc))
+            event, fields = _final_event(exc)
+            progress.close(event, **fields, **({"saved": summary.written} if interrupted else {}))
+        if interrupted:
+            raise RunInterrupted(summary.written, summary.rows, summary.output) from exc
         raise
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, with what the journal kept: ``saved`` of ``rows`` input rows are in
+    finished shards, and the same command resumes from there."""
+
+    def __init__(self, saved: int, rows: int, output: str) -> None:
+        super().__init__(f"{saved} of {rows} rows saved for {output}")
+        self.saved, self.rows, self.output = saved, rows, output
 
 
 def _final_event(exc: BaseException) -> tuple[str, dict[str, Any]]:
@@ -228,7 +242,7 @@ def _run_package(package: str | Path, input_path: str | Path, output: str | Path
         # Engine and thread counts are left out on purpose: they change how rows are scheduled, not
         # which rows form a batch, so a run may resume on another engine or with other --threads.
         journal = Journal(out.path, fingerprint)
-        summary = RunSummary(str(out.path), dataset.rows, 0, 0, 0, 0.0, batch_size, format_used, runner.runtime,
+        summary = state["summary"] = RunSummary(str(out.path), dataset.rows, 0, 0, 0, 0.0, batch_size, format_used, runner.runtime,
                              str(dev), config.engine, str(out.rejects) if out.rejects else None, notes)
         if _finish_if_already_placed(journal, out, dataset.rows, config.overwrite):
             summary.resumed_from = dataset.rows

@@ -13,9 +13,10 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -28,6 +29,10 @@ from packager.errors import ExistsError, UsageError
 OUTPUT_FORMATS = ("npz", "parquet", "npy")
 #: Output bytes buffered before a shard is cut (the resume granularity).
 SHARD_BYTES = 32 << 20
+#: Seconds of work buffered before a shard is cut, whatever its size: a classifier's output
+#: (a few bytes a row) would otherwise reach SHARD_BYTES only after millions of rows, and a
+#: kill would lose all of them.
+SHARD_SECONDS = 30.0
 
 
 @dataclass
@@ -81,16 +86,23 @@ class OutputSink:
     Args:
         out: The output's spec.
         journal: An opened journal (resume state included).
-        shard_rows: Input rows per shard (None: cut by output size, :data:`SHARD_BYTES`).
+        shard_rows: Input rows per shard (None: cut at :data:`SHARD_BYTES` of output or
+            :data:`SHARD_SECONDS` of work, whichever comes first).
         id_column: Name of the carried id column, if any.
+        shard_seconds: Seconds of work after which a shard is cut when ``shard_rows`` is None.
+        clock: Monotonic clock in seconds (a parameter so tests can drive it).
     """
 
     def __init__(self, out: OutputSpec, journal: Journal, shard_rows: int | None = None,
-                 id_column: str | None = None) -> None:
+                 id_column: str | None = None, shard_seconds: float = SHARD_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.out = out
         self.journal = journal
         self.shard_rows = shard_rows
         self.id_column = id_column
+        self.shard_seconds = shard_seconds
+        self._clock = clock
+        self._since = clock()
         self._buf: list[ChunkResult] = []
         self._buf_rows = 0
         self._buf_bytes = 0
@@ -119,8 +131,11 @@ class OutputSink:
         self._buf.append(result)
         self._buf_rows += result.rows
         self._buf_bytes += sum(a.nbytes for a in result.outputs.values())
-        if (self.shard_rows and self._buf_rows >= self.shard_rows) or (
-                not self.shard_rows and self._buf_bytes >= SHARD_BYTES):
+        if self.shard_rows:
+            due = self._buf_rows >= self.shard_rows
+        else:
+            due = self._buf_bytes >= SHARD_BYTES or self._clock() - self._since >= self.shard_seconds
+        if due:
             self.flush()
 
     def flush(self) -> None:
@@ -128,6 +143,7 @@ class OutputSink:
         if not self._buf:
             return
         buf, self._buf, self._buf_rows, self._buf_bytes = self._buf, [], 0, 0
+        self._since = self._clock()
         index = self.journal.next_index
         arrays = _concat([r.outputs for r in buf])
         if self.id_column is not None:
