@@ -26,6 +26,18 @@ VERDICT_CODES = {"pass": ExitCode.OK, "numeric": ExitCode.FIDELITY, "contract": 
 _SEVERITY = ("pass", "numeric", "contract", "runtime")
 
 
+def _host() -> str:
+    import platform
+
+    return f"{platform.node()} ({platform.system()} {platform.machine()}, Python {platform.python_version()})"
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def _worse(a: str, b: str) -> str:
     """The more severe of two verdicts (pass < numeric < contract < runtime)."""
     return a if _SEVERITY.index(a) >= _SEVERITY.index(b) else b
@@ -119,6 +131,8 @@ class VerifyReport(BaseModel):
     notes: list[str] = Field(default_factory=list)
     versions: dict[str, str] = Field(default_factory=dict)
     seconds: float = 0.0
+    host: str = Field(default_factory=lambda: _host(), description="Host name, OS and machine that verified.")
+    created: str = Field(default_factory=lambda: _now(), description="When it was verified (UTC, ISO 8601).")
 
     @computed_field  # type: ignore[prop-decorator]
     @property

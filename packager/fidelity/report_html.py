@@ -263,6 +263,7 @@ def detail_png(ref: np.ndarray, got: np.ndarray, title: str, allowed: float | No
     fig = _figure(13, 3.8)
     ax1, ax2, ax3 = fig.subplots(1, 3)
     positive = err[err > 0]
+    zeros = int(err.size - positive.size)  # exact matches: a log axis cannot show them, the title does
     if positive.size:
         low, high = positive.min(), positive.max()
         if allowed:
@@ -275,9 +276,11 @@ def detail_png(ref: np.ndarray, got: np.ndarray, title: str, allowed: float | No
     if allowed is not None and allowed > 0 and positive.size:
         ax1.axvline(allowed, color="#b00020", linestyle="--", label=f"allowed {allowed:.3g}")
         ax1.legend(fontsize=8)
-    ax1.set_title("|candidate - reference| per element", fontsize=10)
+    ax1.set_title("|candidate - reference| per element" + (f" ({zeros} exactly 0, not drawn)" if zeros and
+                                                           positive.size else ""), fontsize=10)
     ax1.set_xlabel("absolute error")
     ax1.set_ylabel("elements")
+    ax1.yaxis.get_major_locator().set_params(integer=True)  # element counts: whole numbers
     beyond = err > allowed if allowed is not None else np.zeros(err.shape, bool)
     # Signed error against the reference value: shows where (large or small values, one sign)
     # the artifact errs, at a scale where a near-failing error is visible (unlike the diagonal).
@@ -441,7 +444,10 @@ def render(report: "VerifyReport") -> str:
              f"<span class='{'pass' if report.passed else 'fail'}'>{status}</span> (exit {report.exit_code})</h1>",
              f"<p>package <code>{html.escape(report.package)}</code>; reference <b>{html.escape(report.reference)}</b>"
              f"; live reference for new inputs: {_fmt(report.live_reference)}; cases: "
-             f"{html.escape(', '.join(report.cases))}; {report.seconds:.2f} s</p>"]
+             f"{html.escape(', '.join(report.cases))}; {report.seconds:.2f} s</p>",
+             f"<p class='meta'>verified on {html.escape(report.host)} at {html.escape(report.created)}; versions: "
+             + html.escape(", ".join(f"{k} {v}" for k, v in sorted(report.versions.items())) or "not recorded")
+             + "</p>"]
     if report.notes:
         parts.append("<ul>" + "".join(f"<li class='warn'>{html.escape(n)}</li>" for n in report.notes) + "</ul>")
     parts += _overview(report, figures)

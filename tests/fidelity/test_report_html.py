@@ -183,3 +183,14 @@ def test_a_model_with_many_outputs_keeps_figures_readable() -> None:
     width, height = _decodes(heat["images"][0])
     assert height > width and height < 2000  # outputs down the side, not 30 columns squeezed into a page
     assert _decodes(spread["images"][0])[1] < 1200
+
+
+def test_the_header_says_where_when_and_with_which_versions_it_was_verified() -> None:
+    import platform
+
+    report = sample_report()
+    report.versions = {"onnxruntime": "1.31.1", "packager": "0.1.0<x>"}
+    page = render(report)
+    assert f"verified on {platform.node()} (" in page and f"at {report.created}" in page
+    assert "versions: onnxruntime 1.31.1, packager 0.1.0&lt;x&gt;" in page
+    assert report.created.endswith("+00:00") and report.to_dict()["host"] == report.host
