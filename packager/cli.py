@@ -404,8 +404,12 @@ def inspect(
     out.print(_styled((manifest.name, "bold"), f" from {manifest.source.framework} {manifest.source.framework_version} "
                       f"({manifest.source.kind}), schema v{manifest.schema_version}, packager "
                       f"{manifest.packager_version}"))
-    print_table(out, "signature", ("kind", "name", "dtype", "shape"),
-                [[kind, spec.name, spec.dtype, spec.shape_str()]
+    # The layout the exporter recorded (Keras: NHWC for channels_last image inputs), so a user
+    # feeding NCHW arrays sees the mismatch here rather than in wrong outputs.
+    layouts = {k: v for art in manifest.artifacts for k, v in ((art.options or {}).get("layout") or {}).items()}
+    columns = ("kind", "name", "dtype", "shape", *(("layout",) if layouts else ()))
+    print_table(out, "signature", columns,
+                [[kind, spec.name, spec.dtype, spec.shape_str(), *((layouts.get(spec.name, "-"),) if layouts else ())]
                  for kind, specs in (("input", manifest.signature.inputs), ("output", manifest.signature.outputs))
                  for spec in specs])
     _print_artifacts(manifest)

@@ -419,3 +419,16 @@ def test_model_checkpoint_weights_folder_picks_the_best(checkpoints, keras_cnn, 
     _golden_matches(result.path, _eager(model, example))
     newest = packager.export(checkpoints / "weights", example, out=tmp_path / "newest", builder=CNN)
     assert newest.manifest.source.path == str(files[-1])  # ep03: written last
+
+
+def test_inspect_shows_the_recorded_layout_of_image_inputs(keras_cnn_package):
+    """A Keras image model is channels_last: inspect says NHWC beside the input, so a user who
+    feeds NCHW arrays (the torch habit) sees why before running it."""
+    from tests.conftest import run_cli
+
+    proc = run_cli("inspect", str(keras_cnn_package))
+    assert proc.returncode == 0, proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if "dtype" in line and "shape" in line)
+    assert "layout" in header, proc.stdout
+    image = next(line for line in proc.stdout.splitlines() if " image " in f" {line} ")
+    assert "NHWC" in image, proc.stdout
