@@ -146,12 +146,13 @@ def export(
             raise UsageError(f"--option {item!r}", "is not KEY=VALUE", expected="e.g. torchscript_freeze=true",
                              got=item)
         options[key.strip()] = value
-    result = do_export(source, str(example_inputs) if example_inputs else None, out=out_dir,
-                       formats=_split(formats) or None, input_spec=input_spec, name=name, framework=framework,
-                       builder=builder, state_key=state_key, signature_key=signature, trust=trust,
-                       overwrite=overwrite,
-                       allow_mismatch=allow_mismatch, atol=_tolerances(atol, "--atol"), rtol=_tolerances(rtol, "--rtol"),
-                       output_names=_split(output_names) or None, opset=opset, options=options)
+    with _steps():
+        result = do_export(source, str(example_inputs) if example_inputs else None, out=out_dir,
+                           formats=_split(formats) or None, input_spec=input_spec, name=name, framework=framework,
+                           builder=builder, state_key=state_key, signature_key=signature, trust=trust,
+                           overwrite=overwrite, allow_mismatch=allow_mismatch, atol=_tolerances(atol, "--atol"),
+                           rtol=_tolerances(rtol, "--rtol"), output_names=_split(output_names) or None, opset=opset,
+                           options=options)
     if as_json:
         out.print_json(result.manifest.model_dump_json())
     else:
@@ -213,11 +214,12 @@ def verify(
         except ValueError:
             raise UsageError(f"--input-range {item!r}", "is not NAME:LOW:HIGH", expected="ids:0:1000",
                              got=item) from None
-    report = do_verify(package, formats=_split(formats) or None, runtimes=_split(runtime) or None,
-                       devices=_split(device) or ["cpu"], atol=_tolerances(atol, "--atol"),
-                       rtol=_tolerances(rtol, "--rtol"), reference=reference, source=source, builder=builder,
-                       state_key=state_key, trust=trust, inputs=inputs, sweep=sweep, random=random_inputs, seed=seed,
-                       input_ranges=ranges or None)
+    with _steps():
+        report = do_verify(package, formats=_split(formats) or None, runtimes=_split(runtime) or None,
+                           devices=_split(device) or ["cpu"], atol=_tolerances(atol, "--atol"),
+                           rtol=_tolerances(rtol, "--rtol"), reference=reference, source=source, builder=builder,
+                           state_key=state_key, trust=trust, inputs=inputs, sweep=sweep, random=random_inputs, seed=seed,
+                           input_ranges=ranges or None)
     if as_json is not None:
         text = json.dumps(report.to_dict(), indent=2)
         if str(as_json) == "-":
@@ -692,6 +694,15 @@ def _document_common_options(group: Any) -> None:
     for command in group.commands.values():
         if COMMON_OPTIONS not in (command.epilog or ""):
             command.epilog = f"{command.epilog}\n\n{COMMON_OPTIONS}" if command.epilog else COMMON_OPTIONS
+
+
+def _steps() -> Any:
+    """Step reporting for export/verify (packager.steps): off with -q, and with -v (its log shows them)."""
+    from contextlib import nullcontext
+
+    from packager.steps import StepReporter
+
+    return nullcontext() if _state["quiet"] or _state["verbose"] else StepReporter()
 
 
 def quiet() -> bool:

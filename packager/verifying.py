@@ -321,12 +321,19 @@ class Verification:
 
     def run(self) -> VerifyReport:
         """Run every phase and return the report."""
-        self.static_checks()
+        from packager.steps import step
+
+        with step("verify", "static checks"):
+            self.static_checks()
         try:
-            self.load_cells()
-            self.golden()
-            self.live_reference()
-            self.sweep()
+            with step("verify", "load cells"):
+                self.load_cells()
+            with step("verify", "golden"):
+                self.golden()
+            with step("verify", "live reference"):
+                self.live_reference()
+            with step("verify", "sweep"):
+                self.sweep()
         finally:
             self.close()
         self.judge()
