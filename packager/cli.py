@@ -48,8 +48,8 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
                                      "or after the command)."),
           version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the packager version and exit."),
-          quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line and errors: no progress, "
-                                     "tables, notes or warnings (run: the summary line goes too with --json or "
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line, warnings and errors: no "
+                                     "progress, tables or notes (run: the summary line goes too with --json or "
                                      "--progress-log -). Accepted before or after the command."),
           verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Show packager's logs (export phases, "
                                       "converter logs, an error's details); -vv adds debug detail. Accepted "
@@ -69,9 +69,8 @@ def _print_packager_warnings() -> None:
 
     def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
              line: Any = None) -> None:
+        # Kept under -q (like pip -q): a warning such as version drift changes what the result means.
         if category.__module__.startswith("packager"):
-            if _state["quiet"]:
-                return
             err.print(_styled(("warning", "bold yellow"), f" {message}"), soft_wrap=True)
         else:
             shown(message, category, filename, lineno, file, line)

@@ -61,8 +61,12 @@ class PackagerError(Exception):
     @property
     def message(self) -> str:
         parts = [f"{self.subject}: {self.problem}"]
-        if self.expected is not None or self.got is not None:
+        if self.expected is not None and self.got is not None:
             parts.append(f"expected {self.expected}, got {self.got}")
+        elif self.expected is not None:
+            parts.append(f"expected {self.expected}")
+        elif self.got is not None:
+            parts.append(f"got {self.got}")
         text = " | ".join(parts)
         if self.fix:
             text += f". Fix: {self.fix}"
