@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -11,15 +12,15 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from packager import __version__
-from packager.errors import (ExportError, FidelityError, InputError, PackagerError, RuntimeLoadError,
-                             SignatureError, UsageError)
-from packager.exporters import (ArtifactSpec, ExportContext, LoadedModel, SourceOptions, bind_by_name,
+from packager.errors import ExportError, FidelityError, InputError, PackagerError, RuntimeLoadError, UsageError
+from packager.exporters import (ArtifactSpec, ExportContext, LoadedModel, SourceOptions, bind_by_name, converter,
                                 detect_framework, exporter, parse_exporter_options)
 from packager.fidelity.judge import Judge, as_parity, conversion_kind
 from packager.manifest import Artifact, Golden, Manifest, OutputNoise, Parity, Source
 from packager.package import GOLDEN_INPUTS, GOLDEN_OUTPUTS, PackageWriter, check_destination, load_npz
+from packager.steps import step
 from packager.signature import BATCH, Signature, TensorSpec, infer_output_specs, parse_input_specs, spec_from_array
-from packager.registry import FORMAT_RUNTIMES, distribution_of
+from packager.registry import FORMAT_RUNTIMES, FORMATS, distribution_of, writable_formats
 
 log = logging.getLogger("packager")
 
@@ -259,18 +260,24 @@ def export(
     if isinstance(formats, str):
         formats = [f.strip() for f in formats.split(",") if f.strip()]
     formats = list(formats or fw.DEFAULT_FORMATS)
-    unknown = [f for f in formats if f not in fw.FORMATS]
+    writable = writable_formats(fw.FORMATS)
+    unknown = [f for f in formats if f not in writable]
     if unknown:
+        sources = {f: FORMATS[f].derived_from for f in unknown if f in FORMATS and FORMATS[f].derived_from}
         raise UsageError(f"format(s) {unknown}", f"cannot be written from a {framework} model",
-                         expected=", ".join(fw.FORMATS), got=", ".join(formats))
+                         expected=", ".join(writable), got=", ".join(formats),
+                         fix="; ".join(f"{f} is converted from the {s} artifact, which a {framework} model does not "
+                                       "write" for f, s in sources.items()) or None)
     if len(set(formats)) != len(formats):
         raise UsageError("--formats", "lists a format twice", got=", ".join(formats))
+    formats, added = with_sources(formats)
     # Checked once, by the exporter's declared types: "false" is False, a typo is an error.
     exporter_options = parse_exporter_options(framework, fw.Options, options).model_dump()
 
-    loaded: LoadedModel = fw.load_source(source, SourceOptions(builder=builder, state_key=state_key, trust=trust,
-                                                                signature_key=signature_key,
-                                                                extra=dict(exporter_options)))
+    with step("export", f"load {framework} source"):
+        loaded: LoadedModel = fw.load_source(source, SourceOptions(builder=builder, state_key=state_key,
+                                                                    trust=trust, signature_key=signature_key,
+                                                                    extra=dict(exporter_options)))
     declared = parse_input_specs(input_spec)
     example = normalise_inputs(example_inputs, declared.input_names if declared else loaded.input_names)
     signature, example = build_input_signature(loaded, example, declared, seed)
@@ -278,8 +285,10 @@ def export(
     specs = {s.name: s for s in signature.inputs}
     signature = signature.model_copy(update={"inputs": [specs[n] for n in example]})
     example, notes = widen_batch(signature, example)
+    notes += added
 
-    reference = _first_eager_run(fw, loaded, example)
+    with step("export", "eager reference"):
+        reference = _first_eager_run(fw, loaded, example)
     names = output_names or loaded.output_names or (
         [f"output_{i}" for i in range(len(reference))] if len(reference) > 1 else ["output"])
     if len(names) != len(reference):
@@ -308,35 +317,69 @@ def export(
         golden = Golden(inputs=writer.write_npz(GOLDEN_INPUTS, example),
                         outputs=writer.write_npz(GOLDEN_OUTPUTS, ref), reference=loaded.reference,
                         noise=noise)
-        artifacts = [_export_format(fw, fmt, loaded, ctx, writer, versions) for fmt in formats]
-        _judge_artifacts(writer.root, artifacts, signature, (example, ref), extra_cases, atol, rtol, noise,
-                         isolate)
+        written: dict[str, Artifact] = {}
+        for fmt in formats:  # a converted format's source first (with_sources): it is converted from that file
+            with step("export", f"format {fmt}"):
+                written[fmt] = _export_format(fw, fmt, loaded, ctx, writer, versions, written)
+        artifacts = list(written.values())
+        with step("export", "parity"):
+            _judge_artifacts(writer.root, artifacts, signature, (example, ref), extra_cases, atol, rtol, noise,
+                             isolate)
         manifest = Manifest(
             name=name or out.name, packager_version=__version__,
             source=Source(framework=framework, framework_version=versions[framework], kind=loaded.kind,
                           path=loaded.path, builder=loaded.builder),
             versions=versions, signature=signature, artifacts=artifacts, golden=golden,
             extra={**_extra(ctx.log, state_key=state_key, signature_key=signature_key), "input_binding": binding})
+        for line in ctx.log:  # converter logs: in the manifest, and on the terminal with -v
+            log.info("%s", line)
         failed = [a for a in artifacts if not a.passed]
         if failed and not allow_mismatch:
             raise parity_error(failed)
-        path = writer.commit(manifest)
+        with step("export", "write package"):
+            path = writer.commit(manifest)
     return ExportResult(path=path, manifest=manifest)
 
 
+def with_sources(formats: list[str]) -> tuple[list[str], list[str]]:
+    """Formats in writing order, each converted format after its source artifact (added when
+    not asked for, since the package ships what the conversion started from), and notes on
+    what was added."""
+    ordered: list[str] = []
+    notes = []
+    for fmt in formats:
+        source = FORMATS[fmt].derived_from
+        if source and source not in ordered:
+            if source not in formats:
+                notes.append(f"{fmt} is converted from the {source} artifact: {source} was added to the formats")
+            ordered.append(source)
+        if fmt not in ordered:
+            ordered.append(fmt)
+    return ordered, notes
+
+
 def _export_format(fw: Any, fmt: str, loaded: LoadedModel, ctx: ExportContext, writer: PackageWriter,
-                   versions: dict[str, str]) -> Artifact:
-    """Write one format into the package being built; its parity is judged later, with the others."""
+                   versions: dict[str, str], written: Mapping[str, Artifact]) -> Artifact:
+    """Write one format into the package being built; its parity is judged later, with the others.
+
+    A format the registry derives from another artifact (OpenVINO IR from ONNX, TFLite from the
+    SavedModel) is converted from that artifact's file in ``written`` by its registered converter;
+    every other format comes from the framework exporter ``fw``.
+    """
     dest = writer.path(fmt)
     dest.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     try:
-        spec: ArtifactSpec = fw.export_format(fmt, loaded, ctx, dest)
+        source = FORMATS[fmt].derived_from
+        spec: ArtifactSpec = (converter(fmt)(writer.root / written[source].path, ctx, dest) if source else
+                              fw.export_format(fmt, loaded, ctx, dest))
     except PackagerError:
         raise
     except Exception as exc:
         raise ExportError(f"format {fmt}", f"export failed: {type(exc).__name__}: {str(exc)[:500]}",
                           fix="see --debug for the full trace; try another format or opset",
                           details="\n".join(ctx.log)) from exc
+    log.info("exported %s (%s) in %.1f s", fmt, spec.path, time.perf_counter() - started)
     runtimes = tuple(spec.runtimes or FORMAT_RUNTIMES[fmt])
     for rt in runtimes:
         versions[rt] = dist_version(distribution_of(rt))

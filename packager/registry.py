@@ -3,7 +3,9 @@
 Every other table (which runner loads a format, which artifact a package runs by default,
 which artifact is the live reference, which distribution a manifest version refers to,
 which pip extra fixes a missing import) is derived from the records below. Adding a runtime
-is one :class:`RuntimeRecord` plus one runner module under ``runtimes/``;
+is one :class:`RuntimeRecord` plus one runner module under ``runtimes/``; adding a format that
+is converted from another artifact of the package (OpenVINO IR from ONNX, TFLite from the
+SavedModel) is one :class:`FormatRecord` naming its source format and converter module.
 ``tests/test_registry.py`` checks the records against ``pyproject.toml``'s extras and
 against every runner class.
 
@@ -67,8 +69,17 @@ class FormatRecord:
     #: Paddle programs), judged with the wider tolerance (packager/fidelity/judge.py).
     conversion: Literal["native", "converted"]
     #: Rank as the live reference of ``verify`` when no eager model is at hand (0: closest to
-    #: eager); ONNX last, since it is what is usually being checked.
+    #: eager); ONNX after the framework formats, since it is what is usually being checked, and
+    #: the formats converted from an artifact (TFLite, OpenVINO) last: one conversion further away.
     reference_rank: int
+    #: The package artifact this format is converted from, once the framework's exporter has
+    #: written it (every framework that writes that format can then write this one); None:
+    #: the framework exporters write it themselves.
+    derived_from: str | None = None
+    #: ``"module:function"`` that converts the ``derived_from`` artifact (imported lazily), called
+    #: as ``convert(source: Path, ctx: ExportContext, dest: Path) -> ArtifactSpec`` like a
+    #: framework exporter's ``export_format``.
+    converter: str | None = None
 
 
 #: Frameworks, in detection order.
@@ -94,6 +105,12 @@ RUNTIMES: dict[str, RuntimeRecord] = {r.name: r for r in (
                   thread_safe=False),
     RuntimeRecord("paddle_jit", "runtimes.paddle_jit:PaddleJitRunner", ("paddle_inference",), "paddle",
                   "paddlepaddle", "paddle", thread_safe=False),
+    # A CompiledModel is thread-safe and an InferRequest is not: the runner keeps one request per thread.
+    RuntimeRecord("openvino", "runtimes.openvino:OpenVinoRunner", ("openvino",), "openvino", "openvino",
+                  "openvino", thread_safe=True, devices=("cpu",)),
+    # An Interpreter holds its tensors: calls are serialised (runtimes/base.py).
+    RuntimeRecord("litert", "runtimes.litert:LiteRtRunner", ("tflite",), "ai_edge_litert", "ai-edge-litert",
+                  "litert", thread_safe=False, devices=("cpu",)),
 )}
 
 #: Formats, in the order a package picks its artifact when none is asked for (ONNX first:
@@ -106,6 +123,10 @@ FORMATS: dict[str, FormatRecord] = {r.name: r for r in (
     FormatRecord("paddle_inference", (".json", ".pdiparams"), "converted", reference_rank=3),
     FormatRecord("paddle_static", (), "converted", reference_rank=4),
     FormatRecord("paddle_legacy", (".pdmodel",), "converted", reference_rank=5),
+    FormatRecord("tflite", (".tflite",), "converted", reference_rank=7, derived_from="saved_model",
+                 converter="packager.exporters.tflite:convert"),
+    FormatRecord("openvino", (".xml",), "converted", reference_rank=8, derived_from="onnx",  # .xml + .bin beside it
+                 converter="packager.exporters.openvino:convert"),
 )}
 
 #: Importable module -> pip extra that installs it (None: a core dependency). What
@@ -116,11 +137,12 @@ MODULE_EXTRAS: dict[str, str | None] = {
     "tensorflow": "tensorflow", "keras": "tensorflow", "tf2onnx": "tensorflow",
     "paddle": "paddle", "paddle2onnx": "paddle", "onnx_graphsurgeon": "paddle", "polygraphy": "paddle",
     "pyarrow": "data", "ray": "ray", "matplotlib": "report", "model_signing": "sign",
+    "openvino": "openvino", "ai_edge_litert": "litert",
 }
 
 #: Distribution of each importable module whose name differs from it.
 MODULE_DISTRIBUTIONS: dict[str, str] = {"paddle": "paddlepaddle", "onnx_graphsurgeon": "onnx-graphsurgeon",
-                                        "model_signing": "model-signing"}
+                                        "model_signing": "model-signing", "ai_edge_litert": "ai-edge-litert"}
 
 
 # --- derived tables --------------------------------------------------------------------
@@ -135,6 +157,15 @@ REFERENCE_PREFERENCE: tuple[str, ...] = tuple(sorted(FORMATS, key=lambda f: FORM
 NATIVE_FORMATS: frozenset[str] = frozenset(f for f, r in FORMATS.items() if r.conversion == "native")
 #: bare-artifact suffix -> format.
 SUFFIX_FORMATS: dict[str, str] = {s: f for f, r in FORMATS.items() for s in r.suffixes}
+#: source format -> the formats converted from it.
+DERIVED_FORMATS: dict[str, tuple[str, ...]] = {
+    f: tuple(d for d, r in FORMATS.items() if r.derived_from == f) for f in FORMATS}
+
+
+def writable_formats(written: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """What an exporter that writes ``written`` can put in a package: those formats, then the
+    formats converted from them."""
+    return (*written, *(d for f in written for d in DERIVED_FORMATS[f]))
 
 
 def extra_of(module: str) -> str | None:

@@ -207,6 +207,40 @@ def _consistency(case: Case, batched: Any, singles: list[Any], row: VerifyRow, s
                   "depends on the batch (BatchNorm/Dropout in training mode, a batch axis baked to a constant?)")
 
 
+#: Case name of the call-order check (see :func:`_call_order`).
+CALL_ORDER = "call order"
+
+
+def _call_order(first: Mapping[str, Any], second: Mapping[str, Any], order: list[str], row: VerifyRow,
+                judge: Judge, judging: _Judging | None = None) -> CaseResult:
+    """Every case's outputs on a fresh runner that ran the cases smallest first, against the same
+    artifact's outputs in the sweep's order. Runtimes that cache kernels per input shape can
+    return outputs that depend on the shapes run before (seen: OpenVINO's CPU plugin after a
+    first call with seq=1), which no single order of cases shows."""
+    label = f"same artifact, a fresh runner, smallest case first ({', '.join(order)})"
+    names = [n for n in order if not isinstance(first.get(n, ValueError()), BaseException)]
+    failed = next((n for n in names if isinstance(second[n], BaseException)), None)
+    if failed is not None:
+        return CaseResult(case=CALL_ORDER, reference=label, verdict="runtime", passed=False,
+                          error=f"{failed} fails on a fresh runner that ran {', '.join(order[:order.index(failed)])} "
+                                f"first ({describe(second[failed])}), and runs in the sweep's order")
+    if not names:
+        return CaseResult(case=CALL_ORDER, reference=label, verdict="skipped", passed=True,
+                          notes=["every case failed in the sweep; see them"])
+    # All cases as one comparison per output: one verdict for the check, its worst element named.
+    ref = {o: np.concatenate([np.ravel(first[n][o]) for n in names]) for o in first[names[0]]}
+    got = {o: np.concatenate([np.ravel(second[n][o]) for n in names if o in second[n]]) for o in ref}
+    result = CaseResult(case=CALL_ORDER, reference=label, verdict="pass", passed=True)
+    note = ("the same inputs give other outputs on a fresh runner that ran the smallest case first: the artifact's "
+            "outputs depend on the shapes run before (a runtime's per-shape kernel cache?)")
+    if judging is not None:
+        return judging.add(result, row, ref, got, note)
+    _settle(result, judge.compare(ref, got, row.conversion, row.device).outputs)
+    if not result.passed:
+        result.notes.append(note)
+    return result
+
+
 def _native_problems(runner: Any, signature: Signature) -> list[str]:
     # Runners that can read the artifact's own signature (SavedModel, Paddle programs) expose
     # it as _native_signature; TorchScript and torch.export cannot, and raise.
@@ -318,6 +352,9 @@ class Verification:
         self.pending: list[tuple[VerifyRow, Case, Any, str, Any]] = []
         #: Batch-consistency runs: (row, batched case, batched outcome, one outcome per row).
         self.consistency: list[tuple[VerifyRow, Case, Any, list[Any]]] = []
+        #: Call-order runs: (row, outcome per case in the sweep's order, on a fresh runner smallest
+        #: case first, that order).
+        self.call_order: list[tuple[VerifyRow, dict[str, Any], dict[str, Any], list[str]]] = []
 
     def run(self) -> VerifyReport:
         """Run every phase and return the report."""
@@ -539,6 +576,27 @@ class Verification:
             rows = range(_batch_size(base, self.signature)) if not isinstance(batched, BaseException) else range(0)
             singles = [_attempt(cell.runner, take_rows(self.signature, base.inputs, [i])) for i in rows]
             self.consistency.append((cell.row, base, batched, singles))
+        if self.options.sweep and len({str(c.shapes()) for c in self.cases}) > 1:
+            self._call_order_cell(cell, outcomes)
+
+    def _call_order_cell(self, cell: _Cell, outcomes: dict[str, Any]) -> None:
+        """Run every case again on a fresh runner, smallest inputs first (see :func:`_call_order`)."""
+        from runtimes import select_artifact
+
+        order = [c.name for c in sorted(self.cases, key=lambda c: sum(v.size for v in c.inputs.values()))]
+        by_name = {c.name: c for c in self.cases}
+        try:
+            fresh = select_artifact(self.package, cell.artifact, cell.row.runtime,
+                                    signature=self.signature).open(cell.row.device)
+        except Exception as exc:  # loaded once already: a second load failing is worth saying
+            cell.row.cases.append(CaseResult(case=CALL_ORDER, reference="a fresh runner", verdict="runtime",
+                                             passed=False, error=f"a second runner failed to load: {describe(exc)}"))
+            return
+        try:
+            again = {name: _attempt(fresh, by_name[name].inputs) for name in order}
+        finally:
+            fresh.close()
+        self.call_order.append((cell.row, outcomes, again, order))
 
     def _reference_for(self, case: Case, cell: _Cell) -> tuple[Mapping[str, np.ndarray] | None, str]:
         """What judges ``case`` on ``cell``, and its label (``None``: the contract only)."""
@@ -570,6 +628,8 @@ class Verification:
             row.cases.append(_run_case(case, ref, label, outcome, row, signature, judge, judging))
         for row, case, batched, singles in self.consistency:
             row.cases.append(_consistency(case, batched, singles, row, signature, judge, judging))
+        for row, first, again, order in self.call_order:
+            row.cases.append(_call_order(first, again, order, row, judge, judging))
         judging.finish()
 
     def finish(self) -> VerifyReport:

@@ -48,6 +48,8 @@ class Runner(ABC):
     thread_safe: ClassVar[bool] = False
     #: Device kinds it runs on.
     devices: ClassVar[tuple[DeviceKind, ...]] = ("cpu",)
+    #: What to do instead when asked for a device it does not run on (the error's fix).
+    device_fix: ClassVar[str | None] = None
     #: The options it accepts (a subclass of :class:`RunnerOptions`).
     Options: ClassVar[type[RunnerOptions]] = RunnerOptions
 
@@ -69,7 +71,7 @@ class Runner(ABC):
         self.device = parse_device(device)
         if self.device.kind not in self.devices:
             raise UsageError(f"device {self.device}", f"is not one the {self.runtime} runtime runs on",
-                             expected=", ".join(self.devices), got=str(self.device))
+                             expected=", ".join(self.devices), got=str(self.device), fix=self.device_fix)
         self.options = self.parse_options(options)
         #: Whether graphs that run code or touch files may load (runtimes/_graphscan.py). Never
         #: taken from a manifest's runner options: see :func:`manifest_options`.

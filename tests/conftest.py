@@ -133,6 +133,27 @@ def keras_two_tower_package(keras_two_tower, session_dir: Path) -> Path:
     return packager.export(model, example, out=session_dir / "keras_two_tower").path
 
 
+@pytest.fixture(scope="session")
+def torch_openvino_package(torch_transformer, session_dir: Path) -> Path:
+    """The sample transformer (dynamic batch, bounded seq=1..64) as ONNX + the OpenVINO IR converted from it."""
+    pytest.importorskip("openvino")
+    import packager
+
+    model, _ = torch_transformer
+    return packager.export(model, out=session_dir / "torch_openvino", formats=["openvino"],
+                           input_spec=["ids:int64[batch,seq=1..64]@0:100"]).path
+
+
+@pytest.fixture(scope="session")
+def keras_tflite_package(keras_two_tower, session_dir: Path) -> Path:
+    """The two-input/two-output Keras model as SavedModel + the TFLite flatbuffer converted from it."""
+    pytest.importorskip("ai_edge_litert")
+    import packager
+
+    model, example = keras_two_tower
+    return packager.export(model, example, out=session_dir / "keras_tflite", formats=["tflite"]).path
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m packager ARGS`` in a subprocess (the real CLI, real exit codes)."""
     import sys

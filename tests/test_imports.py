@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("torch", "tensorflow", "keras", "tf2onnx", "paddle", "paddle2onnx", "ray", "pyarrow", "matplotlib",
-            "polygraphy", "onnxscript")
+            "polygraphy", "onnxscript", "openvino", "ai_edge_litert")
 
 SCRIPT = textwrap.dedent("""
     import importlib, pkgutil, sys

@@ -106,13 +106,18 @@ def test_every_format_has_a_runtime_and_derived_tables_agree() -> None:
     assert runtimes.FORMAT_RUNTIMES is registry.FORMAT_RUNTIMES
     assert set(runtimes.RUNNERS) == set(registry.RUNTIMES)
     assert judge.NATIVE_FORMATS == {"torchscript", "torch_export", "saved_model"}
-    assert verifying.REFERENCE_PREFERENCE[0] == "torchscript" and verifying.REFERENCE_PREFERENCE[-1] == "onnx"
+    # ONNX after the framework formats; the formats converted from an artifact after it.
+    assert verifying.REFERENCE_PREFERENCE[0] == "torchscript"
+    assert verifying.REFERENCE_PREFERENCE[-3:] == ("onnx", "tflite", "openvino")
+    assert registry.DERIVED_FORMATS["onnx"] == ("openvino",) and registry.DERIVED_FORMATS["saved_model"] == ("tflite",)
+    assert registry.writable_formats(("saved_model", "onnx")) == ("saved_model", "onnx", "tflite", "openvino")
     assert registry.FORMAT_PREFERENCE[0] == "onnx"
     assert registry.FORMAT_RUNTIMES["paddle_inference"] == ("paddle_inference", "paddle_jit")
 
 
 @pytest.mark.parametrize("suffix, fmt", [(".onnx", "onnx"), (".pt", "torchscript"), (".pt2", "torch_export"),
-                                         (".pdmodel", "paddle_legacy"), (".json", "paddle_inference")])
+                                         (".pdmodel", "paddle_legacy"), (".json", "paddle_inference"),
+                                         (".tflite", "tflite"), (".xml", "openvino")])
 def test_bare_artifacts_are_detected_by_the_registry_suffixes(tmp_path: Path, suffix: str, fmt: str) -> None:
     import runtimes
 

@@ -37,3 +37,21 @@ def test_on_a_terminal_steps_are_a_status_and_one_line_each() -> None:
     text = stream.getvalue()
     assert "export: onnx (" in text and "export: parity (" in text and '"event"' not in text
 
+
+
+def test_export_reports_loading_each_format_parity_and_writing(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from sample_models.torch_models import train_mlp
+
+    model, example = train_mlp(steps=2)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    np.savez(tmp_path / "ex.npz", **example)
+    proc = run_cli("export", str(tmp_path / "w.pth"), "--builder", "sample_models.torch_models:build_mlp",
+                   "--example-inputs", str(tmp_path / "ex.npz"), "--formats", "onnx,torchscript",
+                   "-o", str(tmp_path / "pkg"))
+    assert proc.returncode == 0, proc.stderr
+    assert [s["step"] for s in _steps(proc.stderr)] == [
+        "load torch source", "eager reference", "format onnx", "format torchscript", "parity", "write package"]
+    assert proc.stdout.splitlines()[-1] == f"wrote {tmp_path / 'pkg'}"

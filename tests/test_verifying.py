@@ -57,7 +57,7 @@ def test_onnx_only_package(mlp_onnx_package: Path) -> None:
                                                          "initializer sizes": True, "IR version": True,
                                                          "opset": True}
     cases = _cases(report, "onnx")
-    assert list(cases) == ["golden", "batch=1", "batch=3", "batch consistency"]
+    assert list(cases) == ["golden", "batch=1", "batch=3", "batch consistency", "call order"]
     assert cases["batch=1"].reference == "golden row 0" and cases["batch=1"].inputs == {"x": [1, 16]}
     assert cases["batch=3"].inputs == {"x": [3, 16]}
     out = cases["golden"].outputs[0]
@@ -134,7 +134,7 @@ def test_eager_reference_rebuilds_the_model(session_dir: Path) -> None:
     assert report.passed and report.reference == "eager"
     assert packager.verify(pkg, reference="eager", trust=True).passed  # source and builder from the manifest
     assert all(c.reference.startswith("eager torch") for c in _cases(report, "onnx").values()
-               if c.case != "batch consistency")
+               if c.case not in ("batch consistency", "call order"))
     with pytest.raises(InputError):
         packager.verify(pkg, reference="eager", source=session_dir / "missing.pt")
 
@@ -372,3 +372,42 @@ def test_a_failed_phase_still_closes_the_runners(mlp_onnx_package: Path) -> None
     with pytest.raises(RuntimeError, match="sweep broke"):
         verification.run()
     assert verification.cells and all(c.runner._closed for c in verification.cells)
+
+
+def test_outputs_that_depend_on_the_shapes_run_before_fail_the_call_order_check(tmp_path):
+    """An artifact poisoned by its first call's shape (as OpenVINO's per-shape kernel cache was
+    after a first call with seq=1) passes every case in the sweep's order, golden first; the
+    call-order check runs the cases again on a fresh runner, smallest first, and fails it."""
+    import torch
+
+    from sample_models.torch_models import train_mlp
+    from tests._integrity import rehash, tiny_torch_package
+
+    class FirstCallPoisoned(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+            self.register_buffer("calls", torch.zeros(()))
+            self.register_buffer("poison", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool(self.calls == 0) and x.shape[0] == 1:
+                self.poison.fill_(1.0)
+            self.calls.add_(1.0)
+            return self.net(x) + self.poison
+
+    pkg = tiny_torch_package(tmp_path, formats=("onnx", "torchscript"))
+    model, _ = train_mlp(steps=3)  # train_mlp is seeded: the same weights as the package's
+    torch.jit.script(FirstCallPoisoned(model.eval())).save(str(pkg / "torchscript" / "model.pt"))
+    rehash(pkg)
+    report = packager.verify(pkg)
+    rows = {r.format: r for r in report.rows}
+    assert rows["onnx"].passed
+    ts = rows["torchscript"]
+    by_case = {c.case: c for c in ts.cases}
+    assert all(c.passed for name, c in by_case.items() if name != "call order"), by_case
+    order = by_case["call order"]
+    assert not order.passed and order.verdict == "numeric", order
+    assert "smallest case first" in order.reference and "batch=1" in order.reference
+    assert any("depend on the shapes run before" in n for n in order.notes)
+    assert not report.passed

@@ -14,6 +14,12 @@ Every module ``packager.exporters.<framework>`` defines:
   subclass of :class:`ExporterOptions` declaring each with its type and default.
 
 Modules are imported lazily through :data:`FRAMEWORKS`.
+
+Formats converted from another artifact of the package (``openvino`` from ``onnx``, ``tflite``
+from ``saved_model``) are written by one module each, named by the format's record in
+:mod:`packager.registry` (``FormatRecord.converter``) and found through :func:`converter`;
+its ``convert(source, ctx, dest) -> ArtifactSpec`` reads the source artifact's file instead of
+the model, so every framework that writes the source format gets the converted one too.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -120,6 +126,16 @@ def exporter(framework: str) -> ModuleType:
     except (ImportError, ValueError) as exc:  # ValueError: a module set to None in sys.modules
         raise DependencyError(f"framework {framework!r}", f"cannot be imported ({exc})",
                               fix=f"pip install 'packager[{FRAMEWORKS[framework].extra}]'") from exc
+
+
+def converter(fmt: str) -> Callable[[Path, "ExportContext", Path], "ArtifactSpec"]:
+    """The ``convert`` function of a format converted from another artifact (its registry record's
+    ``converter``); the module imports its converter library itself, when called."""
+    record = registry.FORMATS[fmt]
+    if record.converter is None:
+        raise UsageError(f"format {fmt!r}", "is written by the framework exporters, not converted from an artifact")
+    module, function = record.converter.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def detect_framework(source: Any) -> str:

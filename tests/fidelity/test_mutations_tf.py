@@ -95,4 +95,4 @@ def test_eager_reference_from_a_keras_file(tf_good, fid_dir: Path) -> None:
     report = packager.verify(pkg, reference="eager", source=path)
     assert report.passed and report.reference == "eager"
     assert all(c.reference.startswith("eager tensorflow") for r in report.rows for c in r.cases
-               if c.case != "batch consistency")
+               if c.case not in ("batch consistency", "call order"))

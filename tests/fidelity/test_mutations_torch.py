@@ -35,7 +35,7 @@ def test_correct_export_passes(cnn) -> None:
     assert report and report.exit_code == 0
     assert verdicts(report) == {f: "pass" for f in TORCH_FORMATS}
     for row in report.rows:
-        assert [c.case for c in row.cases] == ["golden", "batch=1", "batch=3", "batch consistency"]
+        assert [c.case for c in row.cases] == ["golden", "batch=1", "batch=3", "batch consistency", "call order"]
 
 
 def test_dropout_left_in_training_mode(cnn, broken) -> None:
