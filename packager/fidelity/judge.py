@@ -6,8 +6,8 @@ One rule set, in this order (each output records which rules decided it, ``toler
 1. integers and bools must match exactly;
 2. an artifact declared reduced precision (``options.precision``) gets that precision's bound;
 3. an output whose rounding noise was measured at export (``manifest.golden.noise``) gets
-   ``rtol = clip(NOISE_FACTOR x noise / scale, SCALE_FLOOR, UNMEASURED rtol)`` (so never looser
-   than having no record) and ``atol = ABS_FLOOR``: a correct artifact is another
+   ``rtol = clip(NOISE_FACTOR x noise / scale, SCALE_FLOOR, NOISE_RTOL_CAP)`` (float32: at most
+   1e-3, for models that are noisy by themselves) and ``atol = ABS_FLOOR``: a correct artifact is another
    fp32 evaluation of the same maths, off by about the noise (measured: up to 6.7x it); a defect
    (fp16-rounded weights, a weight off by 1e-3) is hundreds of times the noise;
 4. without a noise record (packages exported before it): the dtype defaults of ``UNMEASURED``;
@@ -53,6 +53,13 @@ ABS_FLOOR = {"float64": 1e-15, "float32": 1e-7, "float16": 1e-4, "bfloat16": 1e-
 #: pre-noise per-dtype defaults, now relative to the output's scale, hence never stricter.
 UNMEASURED = {"float64": (1e-7, 1e-6), "float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2),
               "bfloat16": (5e-2, 5e-2)}
+#: The most ``rtol`` a measured noise may give (rule 3). Deep random-init Keras models spread by
+#: themselves: rows run alone move ResNet50's logits by 8.6e-6 x scale, EfficientNetB0's by up to
+#: 1.6e-4 x scale; their SavedModel, ONNX, TFLite and OpenVINO artifacts were all off by 2-16x that
+#: noise (tests/zoo/test_vision.py), which the no-record default (1e-4) failed, the native
+#: SavedModel included: false alarms. Capped at 1e-3 so that a model with Dropout left on (its
+#: rows-alone spread is of the outputs' own size) still gets no more than 1e-3 x scale.
+NOISE_RTOL_CAP = {"float32": 1e-3}
 #: An artifact the exporter declared as reduced precision is judged with that precision's bound.
 REDUCED = {"float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
 #: Least ``rtol`` per device kind: CUDA convolutions use TF32 by default (10-bit mantissa).
@@ -99,9 +106,9 @@ def _rules(dtype: str, kind: str, noise: OutputNoise | None) -> tuple[float, flo
         rel = NOISE_FACTOR * noise.noise / noise.scale
         if rel <= floor:
             return absolute, floor, f"{dtype} floor (noise {noise.noise:.2g} ({noise.method}) x{NOISE_FACTOR:g} below it)"
-        cap = UNMEASURED.get(dtype, UNMEASURED["float32"])[1]
-        if rel > cap:  # the noise record never makes a verdict looser than having none
-            return absolute, cap, f"default {dtype} (noise {noise.noise:.2g} ({noise.method}) x{NOISE_FACTOR:g} above it)"
+        cap = NOISE_RTOL_CAP.get(dtype, UNMEASURED.get(dtype, UNMEASURED["float32"])[1])
+        if rel > cap:  # a noise record loosens a verdict only this far
+            return absolute, cap, f"{dtype} noise cap (noise {noise.noise:.2g} ({noise.method}) x{NOISE_FACTOR:g} above it)"
         return absolute, rel, f"noise {noise.noise:.2g} ({noise.method}) x{NOISE_FACTOR:g} / scale {noise.scale:.3g}"
     atol, rtol = UNMEASURED.get(dtype, UNMEASURED["float32"])
     return atol, rtol, f"default {dtype} (no noise record)"

@@ -61,7 +61,10 @@ CASES = [("bert", "onnx"), ("bert", "torchscript"), ("bert", "torch_export"), ("
          ("distilbert", "torch_export"), ("gpt2", "onnx"), ("gpt2", "torch_export"), ("vit", "onnx"),
          ("vit", "torch_export"), ("t5_encoder", "onnx"), ("t5_encoder", "torchscript"),
          ("t5_encoder", "torch_export"), ("whisper_encoder", "onnx"), ("whisper_encoder", "torchscript"),
-         ("whisper_encoder", "torch_export")]
+         ("whisper_encoder", "torch_export"),
+         # OpenVINO IR, converted from each model's ONNX artifact (added to the package).
+         ("bert", "openvino"), ("distilbert", "openvino"), ("gpt2", "openvino"), ("vit", "openvino"),
+         ("t5_encoder", "openvino"), ("whisper_encoder", "openvino")]
 
 
 @pytest.mark.parametrize("name, fmt", CASES, ids=[f"{n}-{f}" for n, f in CASES])

@@ -42,7 +42,7 @@ def test_keras_lstm_gru(tmp_path):
 
     tf = import_tf()
     keras = tf.keras
-    tf.random.set_seed(0)
+    keras.utils.set_random_seed(0)  # Keras 3 initialisers use Keras' seed, not TensorFlow's
     # Named: Keras numbers default names per process (input_layer, input_layer_1, ...), so the
     # name would depend on which tests ran before.
     model = keras.Sequential([keras.Input(shape=(None, F), name="steps"), keras.layers.LSTM(16, return_sequences=True),
