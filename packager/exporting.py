@@ -20,7 +20,7 @@ from packager.manifest import Artifact, Golden, Manifest, OutputNoise, Parity, S
 from packager.package import GOLDEN_INPUTS, GOLDEN_OUTPUTS, PackageWriter, check_destination, load_npz
 from packager.steps import step
 from packager.signature import BATCH, Signature, TensorSpec, infer_output_specs, parse_input_specs, spec_from_array
-from packager.registry import FORMAT_RUNTIMES, FORMATS, distribution_of, writable_formats
+from packager.registry import FORMAT_RUNTIMES, FORMATS, conversion_source, distribution_of, writable_formats
 
 log = logging.getLogger("packager")
 
@@ -147,9 +147,18 @@ def widen_batch(signature: Signature, example: dict[str, np.ndarray]) -> tuple[d
     return widened, ["example inputs had batch 1; repeated to batch 2 so the batch axis stays dynamic"]
 
 
-def second_inputs(signature: Signature, example: dict[str, np.ndarray], seed: int) -> tuple[dict[str, np.ndarray],
-                                                                                          dict[str, int], dict[str, int]]:
-    """Inputs at different dynamic sizes, to tell which output axes are dynamic."""
+#: How the second eager run changes the dynamic sizes, tried in turn until the model accepts
+#: one: non-batch sizes doubled, or halved at the top of their range, and the batch +1 (a
+#: strided output axis, width / 8 in PP-OCR's recogniser, does not move when the width
+#: goes 160 -> 161, and a CNN with stride 32 takes 64 -> 128 but not 65); each size +1 (or -1
+#: at its bound); the batch alone (the other axes then stay as the example's).
+SECOND_SIZES = ("double", "step", "batch")
+
+
+def second_inputs(signature: Signature, example: dict[str, np.ndarray], seed: int,
+                  how: str = "double") -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, int]]:
+    """Inputs at different dynamic sizes (changed as ``how`` of :data:`SECOND_SIZES` says), to
+    tell which output axes are dynamic."""
     sizes_a: dict[str, int] = {}
     for spec in signature.inputs:
         for axis, dim in spec.dynamic_axes.items():
@@ -157,10 +166,18 @@ def second_inputs(signature: Signature, example: dict[str, np.ndarray], seed: in
     sizes_b = {}
     for dim, size in sizes_a.items():
         info = signature.dim(dim)
+        if how == "batch" and dim != BATCH:
+            sizes_b[dim] = size
+            continue
+        if how == "double" and dim != BATCH:  # or halved, at the top of its range
+            doubled = size * 2 if info.max is None or size * 2 <= info.max else None
+            halved = size // 2 if size % 2 == 0 and size // 2 >= max(info.min, 1) else None
+            sizes_b[dim] = doubled or halved or size
+            continue
         bigger = size + 1 if info.max is None or size + 1 <= info.max else None
         smaller = size - 1 if size - 1 >= max(info.min, 1) else None
         sizes_b[dim] = bigger or smaller or size
-    if set(sizes_a) == {BATCH} or not sizes_a:
+    if all(sizes_b[d] == sizes_a[d] for d in sizes_a if d != BATCH):
         # Only the batch varies: reuse real rows so int/float ranges stay realistic.
         n = sizes_b.get(BATCH, 1)
         feeds = {}
@@ -174,6 +191,30 @@ def second_inputs(signature: Signature, example: dict[str, np.ndarray], seed: in
                 feeds[spec.name] = np.concatenate([arr] * reps, axis=axis).take(range(n), axis=axis)
         return feeds, sizes_a, sizes_b
     return signature.example_inputs(seed=seed + 1, sizes=sizes_b), sizes_a, sizes_b
+
+
+def _second_run(fw: Any, loaded: LoadedModel, signature: Signature, example: dict[str, np.ndarray], seed: int,
+                reference: list[np.ndarray], notes: list[str]) -> tuple[dict[str, np.ndarray] | None, dict[str, int],
+                                                                        dict[str, int], list[np.ndarray]]:
+    """The eager model at other dynamic sizes (:data:`SECOND_SIZES`, the first it accepts):
+    ``(inputs, sizes of the example, sizes of the run, outputs)``; inputs None when it accepted none."""
+    sizes_a: dict[str, int] = {}
+    refused, tried = [], []
+    for how in SECOND_SIZES:
+        second, sizes_a, sizes_b = second_inputs(signature, example, seed, how)
+        if sizes_b == sizes_a or sizes_b in tried:
+            continue
+        tried.append(sizes_b)
+        try:
+            return second, sizes_a, sizes_b, fw.run_eager(loaded, second)
+        except Exception as exc:  # the model rejects these sizes: try the next way
+            changed = ", ".join(f"{d}={sizes_b[d]}" for d in sizes_b if sizes_b[d] != sizes_a[d])
+            refused.append(changed)
+            log.debug("second eager run at %s failed: %s", changed, exc)
+    if refused:
+        notes.append(f"the model refused every other size tried ({'; '.join(refused)}): the output axes are "
+                     "fixed at the example's sizes; declare the sizes it takes in --input-spec")
+    return None, sizes_a, sizes_a, reference
 
 
 def _first_eager_run(fw: Any, loaded: LoadedModel, example: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -259,18 +300,19 @@ def export(
     fw = exporter(framework)
     if isinstance(formats, str):
         formats = [f.strip() for f in formats.split(",") if f.strip()]
-    formats = list(formats or fw.DEFAULT_FORMATS)
+    formats = list(formats or ())
+    chosen = bool(formats)  # else the framework's defaults, narrowed to what the loaded source can write
+    formats = formats or list(fw.DEFAULT_FORMATS)
     writable = writable_formats(fw.FORMATS)
     unknown = [f for f in formats if f not in writable]
     if unknown:
         sources = {f: FORMATS[f].derived_from for f in unknown if f in FORMATS and FORMATS[f].derived_from}
         raise UsageError(f"format(s) {unknown}", f"cannot be written from a {framework} model",
                          expected=", ".join(writable), got=", ".join(formats),
-                         fix="; ".join(f"{f} is converted from the {s} artifact, which a {framework} model does not "
-                                       "write" for f, s in sources.items()) or None)
+                         fix="; ".join(f"{f} is converted from the {' or '.join(s)} artifact, which a {framework} model "
+                                       "does not write" for f, s in sources.items()) or None)
     if len(set(formats)) != len(formats):
         raise UsageError("--formats", "lists a format twice", got=", ".join(formats))
-    formats, added = with_sources(formats)
     # Checked once, by the exporter's declared types: "false" is False, a typo is an error.
     exporter_options = parse_exporter_options(framework, fw.Options, options).model_dump()
 
@@ -278,6 +320,10 @@ def export(
         loaded: LoadedModel = fw.load_source(source, SourceOptions(builder=builder, state_key=state_key,
                                                                     trust=trust, signature_key=signature_key,
                                                                     extra=dict(exporter_options)))
+    skipped: list[str] = []
+    if not chosen and hasattr(fw, "default_formats"):
+        formats, skipped = fw.default_formats(loaded)
+    formats, added = with_sources(list(formats), fw.FORMATS)
     declared = parse_input_specs(input_spec)
     example = normalise_inputs(example_inputs, declared.input_names if declared else loaded.input_names)
     signature, example = build_input_signature(loaded, example, declared, seed)
@@ -285,7 +331,7 @@ def export(
     specs = {s.name: s for s in signature.inputs}
     signature = signature.model_copy(update={"inputs": [specs[n] for n in example]})
     example, notes = widen_batch(signature, example)
-    notes += added
+    notes += skipped + added
 
     with step("export", "eager reference"):
         reference = _first_eager_run(fw, loaded, example)
@@ -294,12 +340,7 @@ def export(
     if len(names) != len(reference):
         raise UsageError("output names", "do not match the model's outputs", expected=f"{len(reference)} names",
                          got=names)
-    second, sizes_a, sizes_b = second_inputs(signature, example, seed)
-    try:
-        reference_b = fw.run_eager(loaded, second)
-    except Exception as exc:  # the model rejects other sizes: only the batch axis stays dynamic
-        log.debug("second eager run failed (%s); output axes inferred from the batch only", exc)
-        reference_b, sizes_b, second = reference, sizes_a, None
+    second, sizes_a, sizes_b, reference_b = _second_run(fw, loaded, signature, example, seed, reference, notes)
     outputs = infer_output_specs(names, reference, reference_b, sizes_a, sizes_b)
     signature = signature.model_copy(update={"outputs": outputs})
     ref = dict(zip(names, reference))
@@ -341,14 +382,14 @@ def export(
     return ExportResult(path=path, manifest=manifest)
 
 
-def with_sources(formats: list[str]) -> tuple[list[str], list[str]]:
-    """Formats in writing order, each converted format after its source artifact (added when
-    not asked for, since the package ships what the conversion started from), and notes on
-    what was added."""
+def with_sources(formats: list[str], written: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """Formats in writing order, each converted format after its source artifact (the first of
+    its sources asked for; else the first the exporter writes (``written``), added, since the
+    package ships what the conversion started from), and notes on what was added."""
     ordered: list[str] = []
     notes = []
     for fmt in formats:
-        source = FORMATS[fmt].derived_from
+        source = conversion_source(fmt, formats, written)
         if source and source not in ordered:
             if source not in formats:
                 notes.append(f"{fmt} is converted from the {source} artifact: {source} was added to the formats")
@@ -370,7 +411,7 @@ def _export_format(fw: Any, fmt: str, loaded: LoadedModel, ctx: ExportContext, w
     dest.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        source = FORMATS[fmt].derived_from
+        source = conversion_source(fmt, list(written))
         spec: ArtifactSpec = (converter(fmt)(writer.root / written[source].path, ctx, dest) if source else
                               fw.export_format(fmt, loaded, ctx, dest))
     except PackagerError:

@@ -72,10 +72,10 @@ class FormatRecord:
     #: eager); ONNX after the framework formats, since it is what is usually being checked, and
     #: the formats converted from an artifact (TFLite, OpenVINO) last: one conversion further away.
     reference_rank: int
-    #: The package artifact this format is converted from, once the framework's exporter has
-    #: written it (every framework that writes that format can then write this one); None:
-    #: the framework exporters write it themselves.
-    derived_from: str | None = None
+    #: The package artifacts this format can be converted from, preferred first, once the
+    #: framework's exporter has written one (every framework that writes such a format can then
+    #: write this one); empty: the framework exporters write it themselves.
+    derived_from: tuple[str, ...] = ()
     #: ``"module:function"`` that converts the ``derived_from`` artifact (imported lazily), called
     #: as ``convert(source: Path, ctx: ExportContext, dest: Path) -> ArtifactSpec`` like a
     #: framework exporter's ``export_format``.
@@ -123,9 +123,11 @@ FORMATS: dict[str, FormatRecord] = {r.name: r for r in (
     FormatRecord("paddle_inference", (".json", ".pdiparams"), "converted", reference_rank=3),
     FormatRecord("paddle_static", (), "converted", reference_rank=4),
     FormatRecord("paddle_legacy", (".pdmodel",), "converted", reference_rank=5),
-    FormatRecord("tflite", (".tflite",), "converted", reference_rank=7, derived_from="saved_model",
+    FormatRecord("tflite", (".tflite",), "converted", reference_rank=7, derived_from=("saved_model",),
                  converter="packager.exporters.tflite:convert"),
-    FormatRecord("openvino", (".xml",), "converted", reference_rank=8, derived_from="onnx",  # .xml + .bin beside it
+    # .xml + .bin; OpenVINO also reads Paddle's legacy .pdmodel, which some programs need
+    # (paddle2onnx cannot convert PP-OCRv4's, OpenVINO's Paddle frontend can).
+    FormatRecord("openvino", (".xml",), "converted", reference_rank=8, derived_from=("onnx", "paddle_legacy"),
                  converter="packager.exporters.openvino:convert"),
 )}
 
@@ -159,13 +161,21 @@ NATIVE_FORMATS: frozenset[str] = frozenset(f for f, r in FORMATS.items() if r.co
 SUFFIX_FORMATS: dict[str, str] = {s: f for f, r in FORMATS.items() for s in r.suffixes}
 #: source format -> the formats converted from it.
 DERIVED_FORMATS: dict[str, tuple[str, ...]] = {
-    f: tuple(d for d, r in FORMATS.items() if r.derived_from == f) for f in FORMATS}
+    f: tuple(d for d, r in FORMATS.items() if f in r.derived_from) for f in FORMATS}
 
 
 def writable_formats(written: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """What an exporter that writes ``written`` can put in a package: those formats, then the
     formats converted from them."""
-    return (*written, *(d for f in written for d in DERIVED_FORMATS[f]))
+    return tuple(dict.fromkeys((*written, *(d for f in written for d in DERIVED_FORMATS[f]))))
+
+
+def conversion_source(fmt: str, formats: list[str] | tuple[str, ...], written: tuple[str, ...] = ()) -> str | None:
+    """The artifact ``fmt`` is converted from: its first source among ``formats`` (those the
+    package holds or will hold), else the first that the exporter writes (``written``); None for
+    a format the exporters write themselves."""
+    sources = FORMATS[fmt].derived_from
+    return next((s for s in sources if s in formats), next((s for s in sources if s in written), None))
 
 
 def extra_of(module: str) -> str | None:

@@ -220,3 +220,46 @@ def test_export_parity_opens_its_runners_through_the_selection(tmp_path: Path, m
                              formats=["onnx", "torchscript"], isolate=False)
     assert result.passed
     assert chosen == [("onnx", "onnxruntime"), ("torchscript", "torchscript")]
+
+
+def _strided(stride: int):
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, kernel_size=stride, stride=stride), torch.nn.ReLU()).eval()
+
+
+def test_a_strided_output_axis_is_found_dynamic(tmp_path: Path) -> None:
+    """Width 32 -> 33 leaves a stride-8 output at 4 columns, so one +1 run called that axis
+    fixed and verify's sweep then refused the package export had accepted (PP-OCRv4's
+    recogniser: width / 8). The second run doubles the non-batch sizes first."""
+    example = {"x": np.random.default_rng(0).standard_normal((2, 3, 16, 32)).astype(np.float32)}
+    result = packager.export(_strided(8), example, out=tmp_path / "p", formats=["onnx"],
+                             input_spec=["x:float32[batch,3,16,w=8..128]"])
+    shape = result.manifest.signature.outputs[0].shape
+    assert shape[0] == "batch" and isinstance(shape[3], str), shape
+    assert packager.verify(result.path).passed  # the sweep runs w=8 and w=128
+
+
+def test_sizes_the_model_refuses_fall_back_to_doubling_then_the_batch(tmp_path: Path) -> None:
+    """A CNN that takes only multiples of its stride refuses h+1; doubled sizes it takes."""
+    import torch
+
+    class Blocks(torch.nn.Module):  # refuses any size that is not a multiple of 4
+        def forward(self, x):
+            b, c, h, w = x.shape
+            return x.reshape(b, c, h // 4, 4, w // 4, 4).mean(dim=(3, 5))
+
+    example = {"x": np.random.default_rng(0).standard_normal((2, 3, 8, 12)).astype(np.float32)}
+    result = packager.export(Blocks(), example, out=tmp_path / "p", formats=["onnx"],
+                             input_spec=["x:float32[batch,3,h,w]"])
+    shape = result.manifest.signature.outputs[0].shape
+    assert shape[0] == "batch" and all(isinstance(d, str) for d in shape[2:]), shape
+
+    class OnlyEight(torch.nn.Module):  # takes h = w = 8 only: every other size is refused
+        def forward(self, x):
+            return x.reshape(x.shape[0], 3, 8, 8).sum(dim=1)
+
+    ex = {"x": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    result = packager.export(OnlyEight(), ex, out=tmp_path / "q", formats=["onnx"], input_spec=["x:float32[batch,3,h,w]"])
+    assert result.manifest.signature.outputs[0].shape == ("batch", 8, 8)  # the batch alone was accepted

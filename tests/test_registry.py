@@ -110,7 +110,9 @@ def test_every_format_has_a_runtime_and_derived_tables_agree() -> None:
     assert verifying.REFERENCE_PREFERENCE[0] == "torchscript"
     assert verifying.REFERENCE_PREFERENCE[-3:] == ("onnx", "tflite", "openvino")
     assert registry.DERIVED_FORMATS["onnx"] == ("openvino",) and registry.DERIVED_FORMATS["saved_model"] == ("tflite",)
+    assert registry.DERIVED_FORMATS["paddle_legacy"] == ("openvino",)  # OpenVINO reads .pdmodel too
     assert registry.writable_formats(("saved_model", "onnx")) == ("saved_model", "onnx", "tflite", "openvino")
+    assert registry.writable_formats(("paddle_legacy", "onnx")) == ("paddle_legacy", "onnx", "openvino")  # once
     assert registry.FORMAT_PREFERENCE[0] == "onnx"
     assert registry.FORMAT_RUNTIMES["paddle_inference"] == ("paddle_inference", "paddle_jit")
 

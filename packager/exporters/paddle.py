@@ -780,8 +780,13 @@ def _onnx_failure(loaded: LoadedModel, attempts: list[Attempt], ctx: ExportConte
     if not _is_layer(loaded) and loaded.model.program != "pir":
         fixes.append("export again from the dygraph model (.pdparams + --builder, or paddle.jit.save with the "
                      "PIR API on) and convert that")
-    fixes.append("deploy with Paddle Inference instead (--formats paddle_inference,paddle_static), which needs "
-                 "no conversion")
+    if not _is_layer(loaded) and loaded.model.program != "pir":
+        # OpenVINO's Paddle frontend reads legacy programs that paddle2onnx cannot (PP-OCRv4's).
+        fixes.append("deploy with Paddle Inference, or with OpenVINO read from the legacy program (--formats "
+                     "paddle_inference,paddle_legacy,openvino), which need no ONNX")
+    else:
+        fixes.append("deploy with Paddle Inference instead (--formats paddle_inference,paddle_static), which needs "
+                     "no conversion")
     return ExportError("format onnx", f"paddle2onnx could not produce a working ONNX model (failed step(s): "
                        f"{', '.join(steps)}{'; ' + ', '.join(nodes) if nodes else ''}). Tried: "
                        + _summarise(attempts), fix="; or ".join(fixes),
@@ -790,8 +795,6 @@ def _onnx_failure(loaded: LoadedModel, attempts: list[Attempt], ctx: ExportConte
 
 def _check_onnx(attempt: Attempt, ctx: ExportContext, reference: list[np.ndarray]) -> None:
     """check -> run -> compare one converted model; fills attempt.step/ok/reason/node."""
-    import re
-
     import onnx
     import onnxruntime as ort
 

@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import io
 import logging
+import re
 import sys
 import warnings
 import zipfile
@@ -404,6 +405,24 @@ def _dynamic_shapes(ctx: ExportContext) -> dict[str, dict[int, Any]]:
     return shapes
 
 
+#: Terminal colour codes torch's exporters put in their messages.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: torch.export's report of a dynamic axis the traced code fixed (torch 2.13 wording).
+_SPECIALISED = re.compile(r"L\['i(\d+)'\]\.size\(\)\[(\d+)\] as dynamic but your code specialized it to be a "
+                          r"constant \((\d+)\)")
+
+
+def _specialised_axes(text: str, ctx: ExportContext) -> list[tuple[str, int, str, int]]:
+    """``(input, axis, dim name, fixed size)`` for each axis torch.export says the code fixed
+    (the traced wrapper names its inputs i0, i1, ... in signature order)."""
+    found = []
+    for index, axis, value in _SPECIALISED.findall(text):
+        if int(index) < len(ctx.signature.inputs):
+            spec = ctx.signature.inputs[int(index)]
+            found.append((spec.name, int(axis), str(spec.dynamic_axes.get(int(axis), "?")), int(value)))
+    return found
+
+
 def _positional_shapes(loaded: LoadedModel, ctx: ExportContext) -> tuple[dict[int, Any], ...]:
     shapes = _dynamic_shapes(ctx)
     return tuple(shapes[s.name] or None for s in ctx.signature.inputs)
@@ -422,7 +441,9 @@ def _onnx(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
     output_names = ctx.signature.output_names
     errors = []
     exporter_used = None
-    for dynamo in (True, False):  # the TorchScript-based exporter is the known fallback
+    # The TorchScript-based exporter is the known fallback, and the only one for a scripted
+    # module (the dynamo exporter starts with torch.export, which cannot trace one).
+    for dynamo in (False,) if _scripted(loaded) else (True, False):
         buf = io.StringIO()
         try:
             with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
@@ -444,9 +465,10 @@ def _onnx(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
             exporter_used = "dynamo" if dynamo else "torchscript"
             break
         except Exception as exc:
-            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}")
-            ctx.log.append(buf.getvalue()[-4000:])
+            first = _ANSI.sub("", str(exc)).splitlines()[0] if str(exc) else ""
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: {first}")
+            if buf.getvalue().strip():
+                ctx.log.append(_ANSI.sub("", buf.getvalue()[-4000:]))
             target.unlink(missing_ok=True)
     if exporter_used is None:
         raise ExportError("format onnx", "both torch ONNX exporters failed: " + " | ".join(errors),
@@ -463,6 +485,23 @@ def _onnx(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
     return ArtifactSpec(path=f"{dest.name}/model.onnx", options={"opset": opset, "exporter": exporter_used})
 
 
+def default_formats(loaded: LoadedModel) -> tuple[list[str], list[str]]:
+    """The formats written when none are asked for, and a note on any default left out:
+    ``torch.export`` cannot trace a TorchScript module (a ``torch.jit.load``-ed file, or
+    a wheel's shipped ``.jit``), so its packages get TorchScript and ONNX."""
+    if _scripted(loaded):
+        return [f for f in DEFAULT_FORMATS if f != "torch_export"], [
+            "torch_export left out: torch.export cannot trace a TorchScript module (export the Python "
+            "nn.Module for a .pt2)"]
+    return list(DEFAULT_FORMATS), []
+
+
+def _scripted(loaded: LoadedModel) -> bool:
+    import torch
+
+    return isinstance(loaded.model, (torch.jit.ScriptModule, torch.jit.ScriptFunction))
+
+
 def _torch_export(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
     import torch
 
@@ -470,10 +509,24 @@ def _torch_export(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> Artifa
     if "program" in loaded.extra:
         torch.export.save(loaded.extra["program"], str(dest / "model.pt2"))
         return ArtifactSpec(path=f"{dest.name}/model.pt2", options={"from": "source program"})
+    if _scripted(loaded):
+        # torch.export refuses a ScriptModule, and through a wrapper it fails on the scripted
+        # code's guards ("Constraints violated") or its non-Parameter weights: say what it is.
+        raise ExportError("format torch_export", "cannot be written from a TorchScript module: torch.export "
+                          "traces Python code, and a scripted module has none",
+                          fix="export the Python nn.Module for a .pt2, or leave torch_export out "
+                              "(--formats torchscript,onnx)")
     try:
         program = torch.export.export(_traceable(loaded, ctx, always=True), args,
                                       dynamic_shapes=_positional_shapes(loaded, ctx))
     except Exception as exc:
+        fixed = _specialised_axes(str(exc), ctx)
+        if fixed:
+            raise ExportError("format torch_export", "the model's code fixes axes declared dynamic: "
+                              + "; ".join(f"input {n!r} axis {a} ({d}) at {v}" for n, a, d, v in fixed),
+                              fix="torch.export cannot keep these axes dynamic (an nn.GRU/nn.LSTM given an "
+                                  "initial state fixes the sequence length, for one); leave torch_export out "
+                                  "(--formats torchscript,onnx), or declare the axes fixed in --input-spec") from None
         raise ExportError("format torch_export", f"torch.export failed: {str(exc).splitlines()[0]}",
                           fix="check the dynamic axes in --input-spec (a model that needs a fixed size cannot "
                               "export that axis as dynamic)") from None

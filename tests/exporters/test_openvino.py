@@ -79,3 +79,28 @@ def test_a_format_that_needs_an_artifact_the_framework_does_not_write_is_refused
     model, example = torch_cnn
     with pytest.raises(UsageError, match="tflite is converted from the saved_model artifact"):
         packager.export(model, example, out="unused", formats=["tflite"])
+
+
+def test_paddle_legacy_program_is_read_by_openvino_without_onnx(tmp_path):
+    """OpenVINO's Paddle frontend reads a legacy .pdmodel (PP-OCRv4's, which paddle2onnx cannot
+    convert: tests/zoo/test_shipped_weights.py): with paddle_legacy asked for and onnx not, the
+    IR comes from the program, and no ONNX is added."""
+    pytest.importorskip("paddle")
+    from sample_models.paddle_models import train_lenet
+
+    layer, x, _ = train_lenet(steps=2)
+    result = packager.export(layer, {"x": x}, out=tmp_path / "pkg", formats=["paddle_legacy", "openvino"])
+    assert [(a.format, a.passed) for a in result.manifest.artifacts] == [("paddle_legacy", True), ("openvino", True)]
+    assert result.manifest.artifact("openvino").options["converted_from"] == "paddle_legacy/model.pdmodel"
+    assert packager.verify(result.path).passed
+
+
+def test_openvino_sources_are_chosen_among_the_formats_asked_for():
+    from packager.exporting import with_sources
+    from packager.exporters import paddle
+
+    # onnx first when both are there; the legacy program when only it is; else onnx is added.
+    assert with_sources(["onnx", "paddle_legacy", "openvino"], paddle.FORMATS)[0] == ["onnx", "paddle_legacy", "openvino"]
+    assert with_sources(["paddle_legacy", "openvino"], paddle.FORMATS) == (["paddle_legacy", "openvino"], [])
+    ordered, notes = with_sources(["paddle_inference", "openvino"], paddle.FORMATS)
+    assert ordered == ["paddle_inference", "onnx", "openvino"] and "onnx was added" in notes[0]

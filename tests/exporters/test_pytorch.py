@@ -10,7 +10,7 @@ import packager
 import runtimes
 from packager.errors import (ExistsError, ExportError, FidelityError, RuntimeLoadError, SourceError,
                              TrustRequiredError, UsageError)
-from sample_models.torch_models import SmallCNN, TinyMLP, build_mlp
+from sample_models.torch_models import SmallCNN, build_mlp
 
 pytestmark = pytest.mark.torch
 MLP = "sample_models.torch_models:build_mlp"
@@ -127,6 +127,45 @@ def test_torchscript_and_pt2_sources(tmp_path, mlp):
         result = packager.export(tmp_path / src, example, out=tmp_path / kind, formats=["onnx"])
         assert result.manifest.source.kind == kind
         _roundtrip(result.path, model, example["x"], fmt="onnx")
+
+
+def test_torchscript_module_gets_torchscript_and_onnx_by_default(tmp_path, mlp):
+    """torch.export cannot trace a ScriptModule (a torch.jit.load-ed file, Silero VAD's shipped
+    .jit): the defaults leave torch_export out and say so; asked for, it is a clear error."""
+    model, example = mlp
+    scripted = torch.jit.script(model.eval())
+    result = packager.export(scripted, example, out=tmp_path / "p")
+    assert result.manifest.formats == ["torchscript", "onnx"] and result.passed
+    assert any("torch_export left out" in line for line in result.manifest.extra["export_log"])
+    with pytest.raises(ExportError, match="cannot be written from a TorchScript module") as info:
+        packager.export(scripted, example, out=tmp_path / "q", formats=["torch_export"])
+    assert "--formats torchscript,onnx" in info.value.fix
+    assert not (tmp_path / "q").exists()
+
+
+def test_torch_export_names_the_axis_the_model_fixes(tmp_path):
+    """A multi-layer GRU given an initial state makes torch.export fix the sequence length: the
+    error names the input, axis and size instead of torch's internal L['i0'].size()[1]."""
+    torch.manual_seed(0)
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = torch.nn.GRU(4, 8, num_layers=2, batch_first=True)
+
+        def forward(self, x, h):
+            return self.gru(x, h)[0]
+
+    rng = np.random.default_rng(0)
+    example = {"x": rng.standard_normal((3, 5, 4)).astype(np.float32),
+               "h": rng.standard_normal((2, 3, 8)).astype(np.float32)}
+    with pytest.raises(ExportError, match=r"input 'x' axis 1 \(seq\) at 5"):
+        packager.export(Tagger().eval(), example, out=tmp_path / "p", formats=["torch_export"],
+                        input_spec=["x:float32[batch,seq,4]", "h:float32[2,batch,8]"])
+    # The other formats keep the axis dynamic.
+    result = packager.export(Tagger().eval(), example, out=tmp_path / "ok", formats=["torchscript", "onnx"],
+                             input_spec=["x:float32[batch,seq,4]", "h:float32[2,batch,8]"])
+    assert result.passed and result.manifest.signature.outputs[0].shape == ("batch", "seq", 8)
 
 
 def test_script_mode(tmp_path, mlp):
