@@ -407,20 +407,25 @@ def _dynamic_shapes(ctx: ExportContext) -> dict[str, dict[int, Any]]:
 
 #: Terminal colour codes torch's exporters put in their messages.
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-#: torch.export's report of a dynamic axis the traced code fixed (torch 2.13 wording).
-_SPECIALISED = re.compile(r"L\['i(\d+)'\]\.size\(\)\[(\d+)\] as dynamic but your code specialized it to be a "
-                          r"constant \((\d+)\)")
+#: torch.export's report of a dynamic axis the traced code fixed (torch 2.13 wording): an
+#: unnamed axis as ``L['i0'].size()[1]``, a bounded one by its dim name.
+_SPECIALISED = re.compile(r"You marked (L\['i(\d+)'\]\.size\(\)\[(\d+)\]|\w+) as dynamic but your code "
+                          r"specialized it to be a constant \((\d+)\)")
 
 
 def _specialised_axes(text: str, ctx: ExportContext) -> list[tuple[str, int, str, int]]:
     """``(input, axis, dim name, fixed size)`` for each axis torch.export says the code fixed
     (the traced wrapper names its inputs i0, i1, ... in signature order)."""
     found = []
-    for index, axis, value in _SPECIALISED.findall(text):
-        if int(index) < len(ctx.signature.inputs):
-            spec = ctx.signature.inputs[int(index)]
+    inputs = ctx.signature.inputs
+    for marked, index, axis, value in _SPECIALISED.findall(text):
+        if index and int(index) < len(inputs):
+            spec = inputs[int(index)]
             found.append((spec.name, int(axis), str(spec.dynamic_axes.get(int(axis), "?")), int(value)))
-    return found
+        elif not index:
+            found += [(spec.name, a, marked, int(value)) for spec in inputs
+                      for a, dim in spec.dynamic_axes.items() if dim == marked]
+    return list(dict.fromkeys(found))
 
 
 def _positional_shapes(loaded: LoadedModel, ctx: ExportContext) -> tuple[dict[int, Any], ...]:
@@ -524,8 +529,8 @@ def _torch_export(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> Artifa
         if fixed:
             raise ExportError("format torch_export", "the model's code fixes axes declared dynamic: "
                               + "; ".join(f"input {n!r} axis {a} ({d}) at {v}" for n, a, d, v in fixed),
-                              fix="torch.export cannot keep these axes dynamic (an nn.GRU/nn.LSTM given an "
-                                  "initial state fixes the sequence length, for one); leave torch_export out "
+                              fix="torch.export cannot keep these axes dynamic (nn.LSTM and nn.GRU fix the "
+                                  "sequence length, for one); leave torch_export out "
                                   "(--formats torchscript,onnx), or declare the axes fixed in --input-spec") from None
         raise ExportError("format torch_export", f"torch.export failed: {str(exc).splitlines()[0]}",
                           fix="check the dynamic axes in --input-spec (a model that needs a fixed size cannot "
