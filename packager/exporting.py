@@ -155,31 +155,39 @@ def widen_batch(signature: Signature, example: dict[str, np.ndarray]) -> tuple[d
 SECOND_SIZES = ("double", "step", "batch")
 
 
-def second_inputs(signature: Signature, example: dict[str, np.ndarray], seed: int,
-                  how: str = "double") -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, int]]:
-    """Inputs at different dynamic sizes (changed as ``how`` of :data:`SECOND_SIZES` says), to
-    tell which output axes are dynamic."""
-    sizes_a: dict[str, int] = {}
+def dynamic_sizes(signature: Signature, example: dict[str, np.ndarray]) -> dict[str, int]:
+    """Each dynamic dimension's size in the example inputs."""
+    sizes: dict[str, int] = {}
     for spec in signature.inputs:
         for axis, dim in spec.dynamic_axes.items():
-            sizes_a.setdefault(dim, int(example[spec.name].shape[axis]))
-    sizes_b = {}
-    for dim, size in sizes_a.items():
+            sizes.setdefault(dim, int(example[spec.name].shape[axis]))
+    return sizes
+
+
+def second_sizes(signature: Signature, sizes: dict[str, int], how: str) -> dict[str, int]:
+    """Other sizes for the dynamic dimensions, changed as ``how`` of :data:`SECOND_SIZES` says."""
+    other = {}
+    for dim, size in sizes.items():
         info = signature.dim(dim)
         if how == "batch" and dim != BATCH:
-            sizes_b[dim] = size
-            continue
-        if how == "double" and dim != BATCH:  # or halved, at the top of its range
+            other[dim] = size
+        elif how == "double" and dim != BATCH:  # or halved, at the top of its range
             doubled = size * 2 if info.max is None or size * 2 <= info.max else None
             halved = size // 2 if size % 2 == 0 and size // 2 >= max(info.min, 1) else None
-            sizes_b[dim] = doubled or halved or size
-            continue
-        bigger = size + 1 if info.max is None or size + 1 <= info.max else None
-        smaller = size - 1 if size - 1 >= max(info.min, 1) else None
-        sizes_b[dim] = bigger or smaller or size
-    if all(sizes_b[d] == sizes_a[d] for d in sizes_a if d != BATCH):
+            other[dim] = doubled or halved or size
+        else:
+            bigger = size + 1 if info.max is None or size + 1 <= info.max else None
+            smaller = size - 1 if size - 1 >= max(info.min, 1) else None
+            other[dim] = bigger or smaller or size
+    return other
+
+
+def second_inputs(signature: Signature, example: dict[str, np.ndarray], seed: int,
+                  sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    """Inputs at the dynamic ``sizes`` (:func:`second_sizes`), to tell which output axes are dynamic."""
+    if all(sizes[d] == example_size for d, example_size in dynamic_sizes(signature, example).items() if d != BATCH):
         # Only the batch varies: reuse real rows so int/float ranges stay realistic.
-        n = sizes_b.get(BATCH, 1)
+        n = sizes.get(BATCH, 1)
         feeds = {}
         for spec in signature.inputs:
             arr = example[spec.name]
@@ -189,8 +197,8 @@ def second_inputs(signature: Signature, example: dict[str, np.ndarray], seed: in
             else:
                 reps = -(-n // arr.shape[axis])
                 feeds[spec.name] = np.concatenate([arr] * reps, axis=axis).take(range(n), axis=axis)
-        return feeds, sizes_a, sizes_b
-    return signature.example_inputs(seed=seed + 1, sizes=sizes_b), sizes_a, sizes_b
+        return feeds
+    return signature.example_inputs(seed=seed + 1, sizes=sizes)
 
 
 def _second_run(fw: Any, loaded: LoadedModel, signature: Signature, example: dict[str, np.ndarray], seed: int,
@@ -198,13 +206,14 @@ def _second_run(fw: Any, loaded: LoadedModel, signature: Signature, example: dic
                                                                         dict[str, int], list[np.ndarray]]:
     """The eager model at other dynamic sizes (:data:`SECOND_SIZES`, the first it accepts):
     ``(inputs, sizes of the example, sizes of the run, outputs)``; inputs None when it accepted none."""
-    sizes_a: dict[str, int] = {}
-    refused, tried = [], []
+    sizes_a = dynamic_sizes(signature, example)
+    refused, tried = [], [sizes_a]
     for how in SECOND_SIZES:
-        second, sizes_a, sizes_b = second_inputs(signature, example, seed, how)
-        if sizes_b == sizes_a or sizes_b in tried:
+        sizes_b = second_sizes(signature, sizes_a, how)
+        if sizes_b in tried:
             continue
         tried.append(sizes_b)
+        second = second_inputs(signature, example, seed, sizes_b)
         try:
             return second, sizes_a, sizes_b, fw.run_eager(loaded, second)
         except Exception as exc:  # the model rejects these sizes: try the next way

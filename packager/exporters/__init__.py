@@ -3,6 +3,8 @@
 Every module ``packager.exporters.<framework>`` defines:
 
 - ``FRAMEWORK`` (str), ``FORMATS`` (tuple of format names it writes), ``DEFAULT_FORMATS``;
+  optionally ``default_formats(loaded) -> (formats, notes)`` when some loaded sources cannot
+  reach every default (torch: a TorchScript module has no torch.export);
 - ``owns(obj) -> bool``: whether an in-memory object is a model of this framework (by type
   module name, without importing the framework);
 - ``claims(path) -> bool``: whether a file/folder looks like this framework's save;

@@ -780,7 +780,6 @@ def _onnx_failure(loaded: LoadedModel, attempts: list[Attempt], ctx: ExportConte
     if not _is_layer(loaded) and loaded.model.program != "pir":
         fixes.append("export again from the dygraph model (.pdparams + --builder, or paddle.jit.save with the "
                      "PIR API on) and convert that")
-    if not _is_layer(loaded) and loaded.model.program != "pir":
         # OpenVINO's Paddle frontend reads legacy programs that paddle2onnx cannot (PP-OCRv4's).
         fixes.append("deploy with Paddle Inference, or with OpenVINO read from the legacy program (--formats "
                      "paddle_inference,paddle_legacy,openvino), which need no ONNX")
