@@ -391,6 +391,119 @@ def bench(
 
 
 @app.command()
+def serve(
+    package: Path = typer.Argument(..., help="Package folder or archive."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default; 0.0.0.0 "
+                             "exposes the model to the network)."),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: any free port, printed when ready)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name in the URLs (default: the package's)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Artifact format (default: ONNX if present)."),
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="Runtime (default: the format's first)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    cast: str = typer.Option("strict", help="strict, or safe to allow lossless dtype casts."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Most rows merged into one runtime call (1: no "
+                                  "merging). Merging is on only when the artifact passes batch consistency."),
+    max_delay_ms: float = typer.Option(5.0, "--max-delay-ms", help="How long a request waits for others to "
+                                       "join its batch."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting beyond this get HTTP 503."),
+    workers: int = typer.Option(1, "--workers", help="Threads calling the runtime (thread-safe runtimes only)."),
+    skip_integrity: bool = typer.Option(False, "--skip-integrity", help="Do NOT check file checksums before "
+                                        "loading (a modified or corrupted file reaches the framework)."),
+    trust_graphs: bool = typer.Option(False, "--trust", help="Trust the package: load graphs that run code or "
+                                      "touch files (pickled .pt2 objects, file operators, custom-op domains)."),
+    public_key: Optional[Path] = typer.Option(None, "--public-key", help="PEM public key: the package's signature "
+                                              "must verify before it is loaded (default: $PACKAGER_PUBLIC_KEY)."),
+) -> None:
+    """Serve a package over the Open Inference Protocol (KServe V2 REST), with dynamic batching and /metrics."""
+    if skip_integrity:
+        _warn_skip_integrity(package)
+    _trust_artifacts(trust_graphs)
+    _require_signature(public_key)
+    _require_cuda_host([device])
+    from packager.serving.server import ServeConfig, open_service
+    from packager.serving.server import serve as do_serve
+
+    config = ServeConfig(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
+                         workers=workers)
+    service = open_service(package, format=fmt, runtime=runtime, device=device, cast=cast,
+                           verify=not skip_integrity, public_key=public_key, name=name, config=config)
+    batching = (f"dynamic batching on, up to {max_batch} rows or {max_delay_ms:g} ms" if service.batching
+                else "dynamic batching off")
+
+    def ready(url: str) -> None:
+        err.print(f"serving {service.name} ({service.platform} on {device}) at {url}/v2/models/{service.name}; "
+                  f"{batching}: {service.evidence.why}", highlight=False, markup=False, soft_wrap=True)
+        err.file.flush()
+
+    do_serve(service, on_ready=ready)
+    err.print("stopped: in-flight requests were answered", highlight=False, markup=False)
+
+
+@app.command()
+def triton(
+    package: Optional[Path] = typer.Argument(None, help="Package folder or archive (omit with --check REPO)."),
+    out_dir: Optional[Path] = typer.Option(None, "--output", "-o", "--out", help="Model repository to write into "
+                                           "(created if missing; other models in it are kept)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name (default: the package's; with several "
+                                       "formats, NAME_FORMAT each)."),
+    version: int = typer.Option(1, "--version", help="Version folder (a positive integer)."),
+    formats: Optional[list[str]] = typer.Option(None, "--format", "-f", help="Artifact formats (default: the one "
+                                                "'packager run' would pick)."),
+    instances: str = typer.Option("cpu:1", "--instances", help="Instance group, KIND:COUNT (cpu:2, gpu:1)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="max_batch_size when every input and output has a "
+                                  "batch axis first."),
+    max_delay_us: int = typer.Option(5000, "--max-delay-us", help="dynamic_batching max_queue_delay_microseconds."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model folder of the same name."),
+    check: Optional[Path] = typer.Option(None, "--check", help="Only check this repository: parse every "
+                                         "config.pbtxt as Triton's ModelConfig and apply the lints."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    skip_integrity: bool = typer.Option(False, "--skip-integrity", help="Do NOT check file checksums."),
+) -> None:
+    """Write a Triton model repository for a package (config.pbtxt, version folder, warmup), then check it."""
+    from packager.serving import triton as tr
+
+    if check is not None:
+        if package is not None or out_dir is not None:
+            raise UsageError("--check", "checks an existing repository and takes no package or --output",
+                             got=f"{package or out_dir}", fix="run 'packager triton --check REPO' on its own")
+        _print_triton_problems(tr.check_repository(check), check, as_json)
+        return
+    if package is None or out_dir is None:
+        raise UsageError("packager triton", "needs a package and -o REPO (or --check REPO)",
+                         fix="e.g. packager triton PKG -o model_repository")
+    if skip_integrity:
+        _warn_skip_integrity(package)
+    models = tr.write_repository(package, out_dir, name=name, version=version, formats=_split(formats) or None,
+                                 instances=instances, max_batch=max_batch, max_delay_us=max_delay_us,
+                                 overwrite=overwrite, verify=not skip_integrity)
+    if as_json:
+        out.print_json(json.dumps({"models": [m.to_dict() for m in models]}))
+    else:
+        for model in models:
+            state = "on" if model.dynamic_batching else "off"
+            out.print(_styled(("wrote", "bold"), f" {model.path} ({model.backend} backend, max_batch_size "
+                              f"{model.max_batch_size}, dynamic batching {state}: {model.why})"))
+    problems = tr.check_repository(out_dir, models=[m.name for m in models])
+    _print_triton_problems(problems, out_dir, as_json=False, quiet_ok=as_json)
+
+
+def _print_triton_problems(problems: list[Any], repo: Path, as_json: bool, quiet_ok: bool = False) -> None:
+    """Print the repository check's findings; exit 3 (contract) when any is an error."""
+    errors = [p for p in problems if p.severity == "error"]
+    if as_json:
+        out.print_json(json.dumps({"repository": str(repo), "problems": [p.to_dict() for p in problems]}))
+    else:
+        for problem in problems:
+            err.print(f"{problem.severity}: {problem.model}: {problem.message}", highlight=False, markup=False,
+                      soft_wrap=True)
+        if not errors and not quiet_ok:
+            err.print(f"checked {repo}: every config.pbtxt parses as Triton's ModelConfig and passes the lints",
+                      highlight=False, markup=False)
+    if errors:
+        raise typer.Exit(int(ExitCode.CONTRACT))
+
+
+@app.command()
 def inspect(
     package: Path = typer.Argument(..., help="Package folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -639,6 +752,7 @@ INTERRUPTED = {
     "pack": "no archive was written; run the same command again",
     "sign": "the package is unchanged (no model.sig written); run the same command again",
     "demo": "packages already exported are kept; run the same command again to redo the rest",
+    "triton": "model folders already written are complete; run the same command again (with --overwrite)",
 }
 
 

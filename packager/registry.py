@@ -80,6 +80,9 @@ class FormatRecord:
     #: as ``convert(source: Path, ctx: ExportContext, dest: Path) -> ArtifactSpec`` like a
     #: framework exporter's ``export_format``.
     converter: str | None = None
+    #: Triton backend that serves the artifact (``packager triton``): ``onnxruntime``,
+    #: ``pytorch``, ``openvino``, or ``python`` (a generated model.py that loads it with ``runtimes``).
+    triton_backend: Literal["onnxruntime", "pytorch", "openvino", "python"] = "python"
 
 
 #: Frameworks, in detection order.
@@ -116,8 +119,9 @@ RUNTIMES: dict[str, RuntimeRecord] = {r.name: r for r in (
 #: Formats, in the order a package picks its artifact when none is asked for (ONNX first:
 #: the lightest runtime, a core dependency).
 FORMATS: dict[str, FormatRecord] = {r.name: r for r in (
-    FormatRecord("onnx", (".onnx",), "converted", reference_rank=6),
-    FormatRecord("torchscript", (".pt", ".pth", ".jit", ".ts", ".torchscript"), "native", reference_rank=0),
+    FormatRecord("onnx", (".onnx",), "converted", reference_rank=6, triton_backend="onnxruntime"),
+    FormatRecord("torchscript", (".pt", ".pth", ".jit", ".ts", ".torchscript"), "native", reference_rank=0,
+                 triton_backend="pytorch"),
     FormatRecord("torch_export", (".pt2",), "native", reference_rank=1),
     FormatRecord("saved_model", (), "native", reference_rank=2),  # a folder with saved_model.pb
     FormatRecord("paddle_inference", (".json", ".pdiparams"), "converted", reference_rank=3),
@@ -128,7 +132,7 @@ FORMATS: dict[str, FormatRecord] = {r.name: r for r in (
     # .xml + .bin; OpenVINO also reads Paddle's legacy .pdmodel, which some programs need
     # (paddle2onnx cannot convert PP-OCRv4's, OpenVINO's Paddle frontend can).
     FormatRecord("openvino", (".xml",), "converted", reference_rank=8, derived_from=("onnx", "paddle_legacy"),
-                 converter="packager.exporters.openvino:convert"),
+                 converter="packager.exporters.openvino:convert", triton_backend="openvino"),
 )}
 
 #: Importable module -> pip extra that installs it (None: a core dependency). What
@@ -137,6 +141,7 @@ MODULE_EXTRAS: dict[str, str | None] = {
     "numpy": None, "pydantic": None, "onnx": None, "onnxruntime": None,
     "torch": "torch", "onnxscript": "torch",
     "tensorflow": "tensorflow", "keras": "tensorflow", "tf2onnx": "tensorflow",
+    "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "tritonclient": "triton",
     "paddle": "paddle", "paddle2onnx": "paddle", "onnx_graphsurgeon": "paddle", "polygraphy": "paddle",
     "pyarrow": "data", "ray": "ray", "matplotlib": "report", "model_signing": "sign",
     "openvino": "openvino", "ai_edge_litert": "litert",
@@ -144,7 +149,8 @@ MODULE_EXTRAS: dict[str, str | None] = {
 
 #: Distribution of each importable module whose name differs from it.
 MODULE_DISTRIBUTIONS: dict[str, str] = {"paddle": "paddlepaddle", "onnx_graphsurgeon": "onnx-graphsurgeon",
-                                        "model_signing": "model-signing", "ai_edge_litert": "ai-edge-litert"}
+                                        "model_signing": "model-signing", "ai_edge_litert": "ai-edge-litert",
+                                        "prometheus_client": "prometheus-client"}
 
 
 # --- derived tables --------------------------------------------------------------------

@@ -101,6 +101,15 @@ class Runner(ABC):
     def output_specs(self) -> list[TensorSpec]:
         return list(self.signature.outputs)
 
+    def validate(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Check ``feeds`` as :meth:`run` would, without running (a server checks each request
+        before merging it into a batch, so one bad request fails alone).
+
+        Raises:
+            FeedError: Naming the input, what was expected, what was received, and the fix.
+        """
+        return self._validate(feeds)
+
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Validate ``feeds`` against the signature and run the artifact.
 

@@ -381,7 +381,7 @@ def test_every_output_option_has_o_and_both_long_names():
             names = set(param.opts) | set(param.secondary_opts)
             if param.param_type_name == "option" and names & {"-o", "--out", "--output"}:
                 with_output[name] = names
-    assert set(with_output) == {"export", "run", "pack", "demo"}
+    assert set(with_output) == {"export", "run", "pack", "demo", "triton"}
     for name, names in with_output.items():
         assert {"-o", "--out", "--output"} <= names, (name, names)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("torch", "tensorflow", "keras", "tf2onnx", "paddle", "paddle2onnx", "ray", "pyarrow", "matplotlib",
-            "polygraphy", "onnxscript", "openvino", "ai_edge_litert")
+            "polygraphy", "onnxscript", "openvino", "ai_edge_litert", "fastapi", "starlette", "uvicorn",
+            "prometheus_client", "tritonclient")
 
 SCRIPT = textwrap.dedent("""
     import importlib, pkgutil, sys
