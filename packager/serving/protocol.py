@@ -16,6 +16,7 @@ import numpy as np
 
 from packager.errors import InputError
 from packager.signature import Signature, TensorSpec
+from runtimes.feeds import _np_dtype as np_dtype  # one owner of the name -> dtype rule (bfloat16)
 
 #: Header that gives the length of the JSON part of a binary request or response.
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -31,15 +32,6 @@ NUMPY_DTYPES: dict[str, str] = {v: k for k, v in DATATYPES.items()}
 
 class ProtocolError(InputError):
     """A request the protocol (or the model's signature) does not allow: HTTP 400."""
-
-
-def np_dtype(name: str) -> np.dtype:
-    """numpy dtype of a signature dtype name (bfloat16 through ml_dtypes)."""
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def protocol_shape(spec: TensorSpec) -> list[int]:
