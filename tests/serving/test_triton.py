@@ -74,18 +74,21 @@ def test_torch_packages_every_format(torch_cnn_package: Path, torch_transformer_
     assert ids.name == "ids" and list(ids.dims) == [-1]  # [batch, seq]: the batch axis is left out
 
 
+@pytest.mark.slow
 @pytest.mark.tensorflow
 def test_keras_packages_every_format(keras_cnn_package: Path, keras_tflite_package: Path, tmp_path: Path) -> None:
     _check_written(keras_cnn_package, tmp_path / "repo")
     _check_written(keras_tflite_package, tmp_path / "repo")
 
 
+@pytest.mark.slow
 def test_openvino_package(torch_openvino_package: Path, tmp_path: Path) -> None:
     _check_written(torch_openvino_package, tmp_path / "repo")
     folder = tmp_path / "repo" / "torch_openvino_openvino" / "1"
     assert sorted(p.name for p in folder.iterdir()) == ["model.bin", "model.xml"]
 
 
+@pytest.mark.slow
 @pytest.mark.paddle
 def test_paddle_package(tmp_path: Path) -> None:
     import packager
