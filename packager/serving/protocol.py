@@ -55,11 +55,6 @@ class InferRequest:
     binary_default: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def rows(self) -> int:
-        first = next(iter(self.inputs.values()), None)
-        return int(first.shape[0]) if first is not None and first.ndim else 1
-
 
 def _subject(name: str) -> str:
     return f"request input {name!r}"

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 
-from packager.errors import FeedError, PackagerError, UsageError, require
+from packager.errors import PackagerError, UsageError, require
 from packager.serving.batcher import Batcher, BatchStats, QueueFull
 from packager.serving.evidence import BatchingEvidence
 from packager.serving.protocol import HEADER_LENGTH, ProtocolError, decode_request, encode_response, tensor_metadata
@@ -213,10 +213,7 @@ def create_app(service: ModelService) -> Any:
         try:
             decoded, feeds = service.feeds(body, request.headers.get(HEADER_LENGTH))
             future = service.batcher.submit(feeds)
-        except (ProtocolError, FeedError) as exc:
-            service.metrics.count(400)
-            return _error(400, exc.message)
-        except PackagerError as exc:  # e.g. a dtype the signature does not take
+        except PackagerError as exc:  # ProtocolError, FeedError: the request's fault
             service.metrics.count(400)
             return _error(400, exc.message)
         except QueueFull as exc:

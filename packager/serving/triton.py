@@ -93,19 +93,12 @@ def _instances(text: str) -> tuple[str, int]:
     return INSTANCE_KINDS[kind], int(count)
 
 
-def _batchable(signature: Signature) -> str | None:
-    """Why the config cannot have ``max_batch_size > 0`` (None: it can)."""
-    from packager.serving.evidence import batch_axis_problem
-
-    return batch_axis_problem(signature)
-
-
 def _dims(spec: TensorSpec, batched: bool) -> list[int]:
     shape = spec.shape[1:] if batched else spec.shape
     return [d if isinstance(d, int) else -1 for d in shape]
 
 
-def _tensor(kind: str, name: str, spec: TensorSpec, batched: bool) -> str:
+def _tensor(name: str, spec: TensorSpec, batched: bool) -> str:
     dims = ", ".join(str(d) for d in _dims(spec, batched))
     return f"  {{\n    name: {json.dumps(name)}\n    data_type: {TRITON_TYPES[spec.dtype]}\n    dims: [ {dims} ]\n  }}"
 
@@ -132,9 +125,9 @@ def render_config(name: str, backend: str, signature: Signature, *, max_batch: i
     lines.append(f"max_batch_size: {max_batch}")
     if not batched:
         lines.append(f"# max_batch_size 0 (full dims, no batching by Triton): {batching_why}")
-    lines.append("input [\n" + ",\n".join(_tensor("input", names[s.name], s, batched) for s in signature.inputs)
+    lines.append("input [\n" + ",\n".join(_tensor(names[s.name], s, batched) for s in signature.inputs)
                  + "\n]")
-    lines.append("output [\n" + ",\n".join(_tensor("output", names[s.name], s, batched) for s in signature.outputs)
+    lines.append("output [\n" + ",\n".join(_tensor(names[s.name], s, batched) for s in signature.outputs)
                  + "\n]")
     if dynamic:
         lines.append(f"# dynamic batching on: {batching_why}")
@@ -265,7 +258,7 @@ def write_repository(package: str | Path, out: str | Path, *, name: str | None =
     from packager.atomic import replace_dir, temp_prefix
     from packager.package import Package
     from packager.registry import FORMAT_PREFERENCE, FORMAT_RUNTIMES
-    from packager.serving.evidence import batching_evidence
+    from packager.serving.evidence import batch_axis_problem, batching_evidence
 
     if not isinstance(version, int) or version < 1:
         raise UsageError(f"--version {version}", "must be a positive integer (Triton's version folders)",
@@ -293,7 +286,7 @@ def write_repository(package: str | Path, out: str | Path, *, name: str | None =
             raise ExistsError(str(out / model), "already exists", fix="pass --overwrite to replace it, or --name")
     written = []
     signature = manifest.signature
-    axis_problem = _batchable(signature)
+    axis_problem = batch_axis_problem(signature)
     for fmt, model in targets.items():
         artifact = manifest.artifact(fmt)
         backend = FORMATS[fmt].triton_backend
