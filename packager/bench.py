@@ -185,8 +185,11 @@ def bench(package: str | Path, *, formats: Sequence[str] | None = None, runtimes
         raise UsageError("--runtime", "matches no runtime of the chosen artifacts",
                          expected=sorted({r for a in artifacts for r in a.runtimes}), got=list(runtimes))
     target = run_batch if run_batch in sizes else max(sizes)
+    from packager.registry import OPTIMIZED_FORMATS
+
     for row in report.rows:
-        if row.error or row.batch_size != target:
+        # An fp16/int8 artifact is never chosen for the user: it computes other numbers.
+        if row.error or row.batch_size != target or row.format in OPTIMIZED_FORMATS:
             continue
         best = report.fastest.get(row.device)
         if best is None or (row.rows_per_s or 0) > best["rows_per_s"]:

@@ -193,6 +193,11 @@ def verify(
     public_key: Optional[Path] = typer.Option(None, "--public-key", help="PEM public key: check the package's "
                                               "signature (model.sig) first; fail (exit 2) if it is missing or does "
                                               "not match (default: $PACKAGER_PUBLIC_KEY)."),
+    localize: bool = typer.Option(False, "--localize", help="For each failing ONNX artifact: the first node whose "
+                                  "output diverges from its reference graph (an optimised artifact's fp32 ONNX, "
+                                  "else ONNX's reference evaluator), on the golden inputs."),
+    localize_out: Optional[Path] = typer.Option(None, "--localize-out", help="With --localize: write the diverging "
+                                                "node as DIR/FORMAT/subgraph.onnx plus its inputs (.npz)."),
 ) -> None:
     """Verify every artifact x runtime x device: contract, golden data, shape sweep, batch consistency."""
     _trust_artifacts(trust)
@@ -238,7 +243,71 @@ def verify(
 
         _signature_ok(package)
         print_report(report, out, title=f"verify {package}", summary_only=quiet())
+    if localize or localize_out is not None:
+        _localize(package, report, localize_out)
     raise typer.Exit(int(report.exit_code))
+
+
+def _localize(package: Path, report: Any, dest: Optional[Path]) -> None:
+    """``verify --localize``: where each failing ONNX-family artifact departs from its reference."""
+    from packager.optimizing.localize import localize_artifact
+    from packager.package import Package
+    from packager.registry import ONNX_FORMATS
+
+    failing = list(dict.fromkeys(r.format for r in report.rows if not r.passed and r.format in ONNX_FORMATS))
+    if not failing:
+        err.print("--localize: no ONNX artifact failed; nothing to localise", highlight=False, markup=False)
+        return
+    pkg = Package(package, verify=False)  # verified above
+    for fmt in failing:
+        for line in localize_artifact(pkg, fmt, out=dest).lines():
+            out.print(line, highlight=False, markup=False)
+
+
+@app.command()
+def optimize(
+    package: Path = typer.Argument(..., help="Package folder."),
+    precision: str = typer.Option(..., "--precision", "-p", help="fp16 or int8."),
+    source: str = typer.Option("onnx", "--from", help="Artifact to optimise: onnx (fp16, int8) or openvino "
+                               "(int8 with NNCF)."),
+    method: Optional[str] = typer.Option(None, "--method", help="int8: dynamic (no calibration) or static "
+                                         "(default with --calibration; QDQ)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Rows to calibrate and judge on: .npz, "
+                                              ".npy, .parquet or a folder of them; 'random' for generated inputs "
+                                              "(a warning)."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="e.g. 'cosine>=0.999,top1>=0.99,max_abs<=1e-2' "
+                                         "(default fp16 cosine>=0.999; int8 cosine>=0.99,top1>=0.99)."),
+    max_tries: int = typer.Option(4, "--max-tries", help="Conversions tried, each keeping more of the costliest "
+                                  "nodes in full precision."),
+    calibration_rows: int = typer.Option(256, "--calibration-rows", help="Most calibration rows read."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Rows per runtime call and calibration batch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an optimised artifact of the same format."),
+    as_json: bool = typer.Option(False, "--json", help="Print the new artifact's manifest entry as JSON."),
+) -> None:
+    """Add an fp16 or int8 artifact, judged against the fp32 reference by an accuracy budget."""
+    from packager.optimizing import optimize as do_optimize
+
+    with _steps():
+        result = do_optimize(package, precision=precision, source=source, method=method, calibration=calibration,
+                             budget=budget, max_tries=max_tries, calibration_rows=calibration_rows,
+                             batch_size=batch_size, overwrite=overwrite)
+    record = result.artifact.options["optimization"]
+    if as_json:
+        out.print_json(json.dumps(result.artifact.model_dump(mode="json")))
+        return
+    for note in result.notes:
+        err.print(_styled(("note", "yellow"), f" {note}"))
+    speed = record.get("speed") or {}
+    figures = "; ".join(f"{case} {name} " + ", ".join(f"{k} {v:.6g}" for k, v in vals.items() if v is not None)
+                        for case, outs in record["figures"].items() for name, vals in outs.items())
+    out.print(_styled(("added", "bold green"), f" {result.artifact.format} to {result.path}: budget "
+                      f"{record['budget']} met after {len(result.attempts)} tr"
+                      f"{'y' if len(result.attempts) == 1 else 'ies'}, {len(record['kept'])} nodes kept in full "
+                      f"precision"))
+    out.print(Text(f"  {figures}"))
+    if speed.get("speedup"):
+        out.print(Text(f"  speed-up over {record['from']} on this host: {speed['speedup']:.2f}x (batch "
+                       f"{speed['batch_size']})"))
 
 
 @app.command()

@@ -83,6 +83,10 @@ class FormatRecord:
     #: Triton backend that serves the artifact (``packager triton``): ``onnxruntime``,
     #: ``pytorch``, ``openvino``, or ``python`` (a generated model.py that loads it with ``runtimes``).
     triton_backend: Literal["onnxruntime", "pytorch", "openvino", "python"] = "python"
+    #: ``"float16"`` / ``"int8"``: an optimised variant of its ``derived_from`` artifact, written by
+    #: ``packager optimize`` under an accuracy budget (never by ``export``, never an automatic
+    #: choice of ``run``); None: a full-precision artifact.
+    precision: Literal["float16", "int8"] | None = None
 
 
 #: Frameworks, in detection order.
@@ -94,7 +98,8 @@ FRAMEWORKS: dict[str, FrameworkRecord] = {r.name: r for r in (
 
 #: Runtimes; for a format with several, the first listed is the default.
 RUNTIMES: dict[str, RuntimeRecord] = {r.name: r for r in (
-    RuntimeRecord("onnxruntime", "runtimes.onnxruntime:OnnxRuntimeRunner", ("onnx",), "onnxruntime",
+    RuntimeRecord("onnxruntime", "runtimes.onnxruntime:OnnxRuntimeRunner", ("onnx", "onnx_fp16", "onnx_int8"),
+                  "onnxruntime",
                   "onnxruntime", None, thread_safe=True),  # InferenceSession.run is documented thread-safe
     RuntimeRecord("torchscript", "runtimes.torchscript:TorchScriptRunner", ("torchscript",), "torch", "torch",
                   "torch", thread_safe=True),  # loaded modules keep no per-call state (test_concurrency.py)
@@ -109,7 +114,8 @@ RUNTIMES: dict[str, RuntimeRecord] = {r.name: r for r in (
     RuntimeRecord("paddle_jit", "runtimes.paddle_jit:PaddleJitRunner", ("paddle_inference",), "paddle",
                   "paddlepaddle", "paddle", thread_safe=False),
     # A CompiledModel is thread-safe and an InferRequest is not: the runner keeps one request per thread.
-    RuntimeRecord("openvino", "runtimes.openvino:OpenVinoRunner", ("openvino",), "openvino", "openvino",
+    RuntimeRecord("openvino", "runtimes.openvino:OpenVinoRunner", ("openvino", "openvino_int8"), "openvino",
+                  "openvino",
                   "openvino", thread_safe=True, devices=("cpu",)),
     # An Interpreter holds its tensors: calls are serialised (runtimes/base.py).
     RuntimeRecord("litert", "runtimes.litert:LiteRtRunner", ("tflite",), "ai_edge_litert", "ai-edge-litert",
@@ -133,6 +139,16 @@ FORMATS: dict[str, FormatRecord] = {r.name: r for r in (
     # (paddle2onnx cannot convert PP-OCRv4's, OpenVINO's Paddle frontend can).
     FormatRecord("openvino", (".xml",), "converted", reference_rank=8, derived_from=("onnx", "paddle_legacy"),
                  converter="packager.exporters.openvino:convert", triton_backend="openvino"),
+    # Optimised variants (packager optimize), judged by the accuracy budget they were made under.
+    FormatRecord("onnx_fp16", (), "converted", reference_rank=9, derived_from=("onnx",),
+                 converter="packager.optimizing.onnx_fp16:convert", triton_backend="onnxruntime",
+                 precision="float16"),
+    FormatRecord("onnx_int8", (), "converted", reference_rank=10, derived_from=("onnx",),
+                 converter="packager.optimizing.onnx_int8:convert", triton_backend="onnxruntime",
+                 precision="int8"),
+    FormatRecord("openvino_int8", (), "converted", reference_rank=11, derived_from=("openvino",),
+                 converter="packager.optimizing.openvino_int8:convert", triton_backend="openvino",
+                 precision="int8"),
 )}
 
 #: Importable module -> pip extra that installs it (None: a core dependency). What
@@ -145,12 +161,14 @@ MODULE_EXTRAS: dict[str, str | None] = {
     "paddle": "paddle", "paddle2onnx": "paddle", "onnx_graphsurgeon": "paddle", "polygraphy": "paddle",
     "pyarrow": "data", "ray": "ray", "matplotlib": "report", "model_signing": "sign",
     "openvino": "openvino", "ai_edge_litert": "litert",
+    "onnxconverter_common": "optimize", "nncf": "optimize",
 }
 
 #: Distribution of each importable module whose name differs from it.
 MODULE_DISTRIBUTIONS: dict[str, str] = {"paddle": "paddlepaddle", "onnx_graphsurgeon": "onnx-graphsurgeon",
                                         "model_signing": "model-signing", "ai_edge_litert": "ai-edge-litert",
-                                        "prometheus_client": "prometheus-client"}
+                                        "prometheus_client": "prometheus-client",
+                                        "onnxconverter_common": "onnxconverter-common"}
 
 
 # --- derived tables --------------------------------------------------------------------
@@ -158,16 +176,22 @@ MODULE_DISTRIBUTIONS: dict[str, str] = {"paddle": "paddlepaddle", "onnx_graphsur
 FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
     f: tuple(r.name for r in RUNTIMES.values() if f in r.formats) for f in FORMATS}
 #: Which artifact a package runs when no format is asked for.
-FORMAT_PREFERENCE: tuple[str, ...] = tuple(FORMATS)
-#: Which artifact serves as the live reference, closest to eager first.
-REFERENCE_PREFERENCE: tuple[str, ...] = tuple(sorted(FORMATS, key=lambda f: FORMATS[f].reference_rank))
+#: Optimised variants are run only when asked for by name (``--format onnx_int8``).
+FORMAT_PREFERENCE: tuple[str, ...] = tuple(f for f, r in FORMATS.items() if r.precision is None)
+#: Which artifact serves as the live reference, closest to eager first; never an optimised variant,
+#: whose error is by design larger than the artifacts it would judge.
+REFERENCE_PREFERENCE: tuple[str, ...] = tuple(sorted(FORMAT_PREFERENCE, key=lambda f: FORMATS[f].reference_rank))
 #: Formats the framework's own runtime executes.
 NATIVE_FORMATS: frozenset[str] = frozenset(f for f, r in FORMATS.items() if r.conversion == "native")
 #: bare-artifact suffix -> format.
 SUFFIX_FORMATS: dict[str, str] = {s: f for f, r in FORMATS.items() for s in r.suffixes}
-#: source format -> the formats converted from it.
+#: source format -> the full-precision formats ``export`` converts from it.
 DERIVED_FORMATS: dict[str, tuple[str, ...]] = {
-    f: tuple(d for d, r in FORMATS.items() if f in r.derived_from) for f in FORMATS}
+    f: tuple(d for d, r in FORMATS.items() if f in r.derived_from and r.precision is None) for f in FORMATS}
+#: Optimised formats (``packager optimize``) -> their precision.
+OPTIMIZED_FORMATS: dict[str, str] = {f: r.precision for f, r in FORMATS.items() if r.precision}
+#: Formats that are ONNX graphs (ONNX Runtime loads them): the ONNX structural checks apply.
+ONNX_FORMATS: frozenset[str] = frozenset(RUNTIMES["onnxruntime"].formats)
 
 
 def writable_formats(written: tuple[str, ...] | list[str]) -> tuple[str, ...]:

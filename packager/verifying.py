@@ -383,7 +383,7 @@ class Verification:
         # The ONNX graphs and golden data are parsed from the very bytes that were hashed.
         self.package = package = Package(self.path, verify=False)
         self.manifest = manifest = package.manifest
-        package.verify_integrity(keep=[a.path for a in manifest.artifacts if a.format == "onnx"] +
+        package.verify_integrity(keep=[a.path for a in manifest.artifacts if a.format in registry.ONNX_FORMATS] +
                                  ([manifest.golden.inputs.path, manifest.golden.outputs.path]
                                   if manifest.golden else []))
         self.signature = _parse_ranges(self.options.input_ranges, manifest.signature)
@@ -423,7 +423,7 @@ class Verification:
         """Per artifact (shared by its runtime/device cells): the ONNX graph's contract and
         structure, and int value ranges read from it; then plan the cases."""
         for art in self._artifacts():
-            if art.format == "onnx":
+            if art.format in registry.ONNX_FORMATS:
                 self._check_onnx(art)
         for spec in self.signature.inputs:
             if spec.dtype.startswith(("int", "uint")) and spec.value_range is None and self.options.sweep:
@@ -484,12 +484,15 @@ class Verification:
         row = VerifyRow(format=art.format, runtime=runtime, device=device,
                         conversion=conversion_kind(art.format, art.options))
         row.contract, row.structure = self.static.get(art.format, ([], []))
+        if row.conversion.startswith("budget:"):
+            row.notes.append(f"an optimised artifact: judged by its accuracy budget {art.options['budget']} "
+                             "(packager optimize), not by fp32 elementwise tolerances")
         cell_start = time.perf_counter()
         runner = None
         try:
             runner = select_artifact(self.package, art, runtime, signature=self.signature).open(device)
             row.notes += list(runner.notes)
-            if art.format != "onnx":  # ONNX graphs were checked in detail above
+            if art.format not in registry.ONNX_FORMATS:  # ONNX graphs were checked in detail above
                 row.contract = row.contract + _native_problems(runner, self.signature)
         except Exception as exc:  # runners may leak their backend's own exceptions
             row.error = f"failed to load: {describe(exc)}"

@@ -4,7 +4,9 @@ the training callbacks and the Paddle ONNX conversion attempts alike.
 One rule set, in this order (each output records which rules decided it, ``tolerance_source``):
 
 1. integers and bools must match exactly;
-2. an artifact declared reduced precision (``options.precision``) gets that precision's bound;
+2. an artifact declared reduced precision (``options.precision``) gets that precision's bound, and
+   an optimised artifact (``options.budget``: ``packager optimize``) is judged by its accuracy
+   budget instead of elementwise bounds (:mod:`packager.fidelity.budget`);
 3. an output whose rounding noise was measured at export (``manifest.golden.noise``) gets
    ``rtol = clip(NOISE_FACTOR x noise / scale, SCALE_FLOOR, NOISE_RTOL_CAP)`` (float32: at most
    1e-3, for models that are noisy by themselves) and ``atol = ABS_FLOOR``: a correct artifact is another
@@ -29,6 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from packager import registry
+from packager.fidelity.budget import apply_budget, parse_budget
 from packager.fidelity.contract import check_outputs
 from packager.fidelity.metrics import OutputMetrics, Tolerance, compare_many
 from packager.manifest import OutputNoise, OutputParity
@@ -70,7 +73,11 @@ NATIVE_FORMATS = registry.NATIVE_FORMATS
 
 
 def conversion_kind(fmt: str | None, options: Mapping[str, Any] | None = None) -> str:
-    """``reduced:<dtype>``, ``native`` or ``converted`` for an artifact format and its options."""
+    """``budget:<budget>``, ``reduced:<dtype>``, ``native`` or ``converted`` for an artifact format
+    and its options."""
+    budget = (options or {}).get("budget")
+    if budget:
+        return f"budget:{budget}"
     precision = str((options or {}).get("precision", "") or "")
     if precision in REDUCED:
         return f"reduced:{precision}"
@@ -93,6 +100,8 @@ def _rules(dtype: str, kind: str, noise: OutputNoise | None) -> tuple[float, flo
     """(atol, rtol, source) from rules 1-4 of the module docstring."""
     if not _is_float(dtype):
         return 0.0, 0.0, f"exact ({dtype})"
+    if kind.startswith("budget:"):  # figures only: the budget decides (Judge.compare_cases)
+        return 0.0, 0.0, kind.replace(":", " ", 1)
     if kind.startswith("reduced:"):
         atol, rtol = REDUCED[kind.split(":", 1)[1]]
         return atol, rtol, f"declared {kind.split(':', 1)[1]} artifact"
@@ -133,7 +142,7 @@ def resolve_tolerance(name: str, dtype: str, kind: str = "converted", atol: floa
     a, r, source = _rules(dtype, kind, noise)
     parts = [source]
     widen = DEVICE_RTOL.get(device.split(":", 1)[0])
-    if widen and _is_float(dtype) and r < widen and not kind.startswith("reduced:"):
+    if widen and _is_float(dtype) and r < widen and not kind.startswith(("reduced:", "budget:")):
         r = widen
         parts.append(f"{device} rtol {widen:g} (TF32)")
     given_a, given_r = _pick(atol, name), _pick(rtol, name)
@@ -218,7 +227,16 @@ class Judge:
                                               problem="output is not in the reference"))
             plans.append(plan)
         computed = compare_many(items)
-        return [Judged([computed[x] if isinstance(x, int) else x for x in plan]) for plan in plans]
+        budgets = [kind for _, _, kind, _ in cases]
+        judged = []
+        for plan, kind in zip(plans, budgets):
+            outputs = [computed[x] if isinstance(x, int) else x for x in plan]
+            if kind.startswith("budget:"):
+                budget = parse_budget(kind.split(":", 1)[1])
+                outputs = [apply_budget(computed[x], budget, items[x][1], items[x][2]) if isinstance(x, int) else x
+                           for x in plan]
+            judged.append(Judged(outputs))
+        return judged
 
     def contract(self, signature: Any, outputs: Mapping[str, Any], inputs: Mapping[str, np.ndarray]) -> list[str]:
         """Contract problems of one run's outputs (names, dtypes, ranks, dynamic axes)."""

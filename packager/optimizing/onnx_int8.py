@@ -1,0 +1,89 @@
+"""int8 ONNX (format ``onnx_int8``) from the package's ONNX artifact, with ``onnxruntime.quantization``.
+
+``quant_pre_process`` first (shape inference and the basic fusions the quantiser expects), then
+either ``quantize_dynamic`` (int8 weights, activations quantised at run time per call: no
+calibration) or ``quantize_static`` in QDQ format over the calibration batches (uint8
+activations, int8 weights: ONNX Runtime's CPU kernels' U8S8 form). Weights are per channel by
+default. ``plan.keep`` goes to ``nodes_to_exclude``: names of the pre-processed graph, which is
+returned as the localisation's reference. A run that quantises no node is an error, not a
+success: the artifact would be the fp32 model under an int8 name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from packager.errors import ExportError, require
+from packager.optimizing.plan import Made, Plan
+
+FILE = "model.onnx"
+#: Operators the quantised graph uses for int8 compute (dynamic and QOperator forms).
+INT8_OPS = frozenset({"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+                      "QLinearConv", "QLinearMatMul", "QGemm", "QAttention", "DynamicQuantizeLSTM"})
+
+
+class _Reader:
+    """The calibration batches as ONNX Runtime's ``CalibrationDataReader`` asks for them."""
+
+    def __init__(self, batches: tuple[dict[str, np.ndarray], ...], names: set[str]) -> None:
+        self._it: Iterator[dict[str, np.ndarray]] = iter([{k: v for k, v in b.items() if k in names}
+                                                          for b in batches])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def preprocess(source: Path, work: Path) -> Path:
+    """``quant_pre_process`` of ``source`` into ``work`` (symbolic shape inference skipped when
+    it fails: it does not know every operator)."""
+    quant = require("onnxruntime.quantization", purpose="quantise ONNX models")
+    target = work / "preprocessed.onnx"
+    try:
+        quant.quant_pre_process(str(source), str(target))
+    except Exception:  # symbolic shape inference raises on operators it does not know
+        quant.quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+    return target
+
+
+def quantized_nodes(model: Any) -> list[str]:
+    """Names of the nodes that compute in int8: int8 operators, and QDQ nodes fed by a DequantizeLinear."""
+    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type in INT8_OPS or (n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                                         and any(i in dq_outputs for i in n.input))]
+
+
+def convert(source: Path, dest: Path, plan: Plan) -> Made:
+    """Write ``dest/model.onnx``, the int8 version of the ONNX file ``source``."""
+    onnx = require("onnx", purpose="quantise ONNX models")
+    quant = require("onnxruntime.quantization", purpose="quantise ONNX models")
+    work = plan.work or dest
+    pre = work / "preprocessed.onnx"
+    if not pre.exists():
+        pre = preprocess(source, work)
+    out = dest / FILE
+    excluded = list(plan.keep) or None
+    if plan.method == "dynamic":
+        quant.quantize_dynamic(str(pre), str(out), per_channel=plan.per_channel, weight_type=quant.QuantType.QInt8,
+                               nodes_to_exclude=excluded)
+    else:
+        if not plan.calibration:
+            raise ExportError("static int8 quantisation", "has no calibration data",
+                              fix="pass --calibration data.npz (or --calibration random to use generated inputs)")
+        names = {i.name for i in onnx.load(str(pre), load_external_data=False).graph.input}
+        quant.quantize_static(str(pre), str(out), _Reader(plan.calibration, names),
+                              quant_format=quant.QuantFormat.QDQ, per_channel=plan.per_channel,
+                              activation_type=quant.QuantType.QUInt8, weight_type=quant.QuantType.QInt8,
+                              nodes_to_exclude=excluded, calibrate_method=quant.CalibrationMethod.MinMax)
+    quantized = quantized_nodes(onnx.load(str(out), load_external_data=False))
+    from packager.exporting import dist_version
+
+    return Made(path=FILE, changed=quantized, reference=pre,
+                record={"tool": f"onnxruntime.quantization {dist_version('onnxruntime')}",
+                        "method": plan.method, "format": "QDQ" if plan.method == "static" else "dynamic",
+                        "per_channel": plan.per_channel, "activations": "uint8" if plan.method == "static" else
+                        "uint8, quantised per call", "weights": "int8", "nodes_quantized": len(quantized),
+                        "preprocess": "quant_pre_process"})
