@@ -56,6 +56,14 @@ def _print_details(report: "VerifyReport", console: Console, title: str | None) 
     console.print(Text(LEGEND, style="dim"), highlight=False, soft_wrap=False)
     for row in report.rows:
         cell = f"{row.format}/{row.runtime}/{row.device}"
+        if row.conversion.startswith("budget:"):
+            # An optimised artifact's "tol use" is its budget's: say which rule judged it.
+            figures = next((o.tolerance_source for c in row.cases if c.case == (row.worst.case if row.worst else "")
+                            for o in c.outputs if o.name == row.worst.output), None) if row.worst else None
+            console.print(Text.assemble((cell, "cyan"), f": judged by its accuracy budget {row.conversion[7:]} "
+                                        "(packager optimize), not by fp32 tolerances"
+                                        + (f"; worst case {row.worst.case}: {figures}" if figures else "")),
+                          highlight=False, soft_wrap=True)
         if row.error:
             console.print(Text.assemble((cell, "red"), f": {cli_words(row.error)}"), highlight=False, soft_wrap=True)
         for problem in row.contract:

@@ -333,6 +333,10 @@ def _search(run: _Run, scratch: Path, max_tries: int) -> tuple[Path, Made, Attem
                     work=scratch)
         with step("optimize", f"try {number}"):
             made = convert(src, folder, plan)
+        if not made.changed and attempts:
+            run.notes.append(f"try {number} would keep every node in full precision: the search stopped at the "
+                             f"best of {len(attempts)} tries")
+            break
         if not made.changed:
             raise FidelityError(f"{run.target} of {run.manifest.name}",
                                 f"{'converted' if run.method == 'fp16' else 'quantised'} no node: the artifact would "
@@ -368,21 +372,31 @@ def _localize_feeds(run: _Run) -> dict[str, np.ndarray]:
 
 
 def _overflow_nodes(src: Path, run: _Run) -> dict[str, str]:
-    """Nodes whose fp32 outputs exceed fp16's range (with headroom) on the localisation rows."""
+    """Nodes that read or write fp32 values beyond fp16's range (with headroom) on the
+    localisation rows: the node that makes a large value and every node that reads it compute in
+    fp32, so the value is never stored as fp16 (a kept producer alone would hand its consumer an
+    fp16 Inf)."""
+    from onnx import numpy_helper
+
     from packager.optimizing.localize import load_model, run_all
 
     model = load_model(src)
-    values = run_all(model, _localize_feeds(run))
+    values: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    values.update(_localize_feeds(run))
+    values.update(run_all(model, _localize_feeds(run)))
+    tops: dict[str, float] = {}
+    for name, value in values.items():
+        value = np.asarray(value)
+        if value.dtype.kind == "f" and value.size:
+            tops[name] = float(np.abs(value[np.isfinite(value)]).max(initial=0.0))
     keep = {}
     for node in model.graph.node:
-        for out in node.output:
-            value = values.get(out)
-            if value is None or np.asarray(value).dtype.kind != "f" or not np.asarray(value).size:
-                continue
-            top = float(np.abs(value[np.isfinite(value)]).max(initial=0.0))
-            if top > FP16_HEADROOM * FP16_MAX:
-                keep[node.name] = f"fp32 values up to {top:.3g} exceed the fp16 range (65504) with headroom"
-                break
+        big = [(t, tops[t]) for t in [*node.input, *node.output] if tops.get(t, 0.0) > FP16_HEADROOM * FP16_MAX]
+        if big:
+            tensor, top = max(big, key=lambda kv: kv[1])
+            role = "writes" if tensor in node.output else "reads"
+            keep[node.name or node.output[0]] = (f"{role} {tensor!r} with fp32 values up to {top:.3g}: beyond the "
+                                                 "fp16 range (65504) with headroom")
     return keep
 
 
@@ -390,16 +404,25 @@ def _costliest(run: _Run, src: Path, folder: Path, made: Made, keep: dict[str, s
     """The changed nodes that added the most error, to keep in full precision next try."""
     if not run.target.startswith("onnx"):
         return {}
-    from packager.optimizing.localize import load_model, localize
+    from packager.optimizing.localize import load_model, localize, owners
 
     reference = load_model(made.reference or src)
     found = localize(reference, load_model(folder / made.path), _localize_feeds(run))
     count = max(1, int(math.ceil(len(made.changed) * share)))
-    # int8: only the operators the quantiser computes in int8 can be excluded from it.
-    picked = [n for n in found.costliest(len(found.nodes), set(keep))
-              if run.method == "fp16" or n.op in QUANTIZED_OPS]
-    return {n.node: f"added 1-cosine {n.gain:.3g} ({n.op}), the costliest after {len(keep)} kept"
-            for n in picked[:count]}
+    if run.method == "fp16":
+        return {n.node: f"added 1-cosine {n.gain:.3g} ({n.op}), the costliest after {len(keep)} kept"
+                for n in found.costliest(count, set(keep))}
+    # int8: only the operators the quantiser computes in int8 can be excluded from it; the error a
+    # node after one adds (a Relu, an Add reading its output) is charged to it.
+    owner = owners(reference, QUANTIZED_OPS)
+    ops = {n.name or n.output[0]: n.op_type for n in reference.graph.node}
+    cost: dict[str, float] = {}
+    for n in found.nodes:
+        if n.gain > 0 and owner.get(n.node) and owner[n.node] not in keep:
+            cost[owner[n.node]] = cost.get(owner[n.node], 0.0) + n.gain
+    ranked = sorted(cost.items(), key=lambda kv: -kv[1])[:count]
+    return {name: f"added 1-cosine {gain:.3g} ({ops.get(name, '?')} and the nodes after it up to the next quantised "
+                  f"one), the costliest after {len(keep)} kept" for name, gain in ranked}
 
 
 def _speed(run: _Run, folder: Path, made: Made, batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -427,7 +450,7 @@ def _artifact(run: _Run, made: Made, best: Attempt, attempts: list[Attempt], out
               "reference": {"golden": run.manifest.golden.reference if run.manifest.golden else None,
                             "calibration": f"artifact {reference.format} ({reference.runtimes[0]})"
                             if calibration else None},
-              "nodes_changed": len(made.changed), "figures": best.figures,
+              "nodes_changed": len(made.changed), "changed_nodes": made.changed, "figures": best.figures,
               "tries": [a.to_dict() for a in attempts], "speed": speed}
     parity = Parity(runtime=run.runtime, device="cpu", passed=best.passed, outputs=[as_parity(o) for o in outputs],
                     notes=[f"judged by the budget {run.budget} against the fp32 reference, not by fp32 tolerances"])

@@ -154,6 +154,31 @@ def same_computation(ref_op: str, cand_op: str | None) -> bool:
     return cand_op == ref_op or ref_op in cand_op or (ref_op in _DECOMPOSED and cand_op in _TAILS)
 
 
+def dequantized_names(model: Any) -> dict[str, str]:
+    """Tensor -> the output of the DequantizeLinear its QuantizeLinear feeds (QDQ graphs)."""
+    quantize = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    return {quantize[n.input[0]]: n.output[0] for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input and n.input[0] in quantize}
+
+
+def owners(reference: Any, ops: frozenset[str]) -> dict[str, str]:
+    """Each node of ``reference`` -> the nearest node at or above it whose op is in ``ops``,
+    following first data inputs (a Relu's error is its Conv's doing when only the Conv can be
+    kept out of quantisation)."""
+    initializers = {i.name for i in reference.graph.initializer}
+    producer = {o: n for n in reference.graph.node for o in n.output}
+    found: dict[str, str] = {}
+    for node in reference.graph.node:
+        name = node.name or node.output[0]
+        here, steps = node, 0
+        while here is not None and here.op_type not in ops and steps < 8:
+            data = next((i for i in here.input if i and i not in initializers), None)
+            here, steps = producer.get(data) if data else None, steps + 1
+        if here is not None and here.op_type in ops:
+            found[name] = here.name or here.output[0]
+    return found
+
+
 def compare(reference: Any, ref_values: Mapping[str, np.ndarray], cand_values: Mapping[str, np.ndarray],
             candidate: Any = None) -> Localization:
     """Each node of the ``reference`` graph whose first output both graphs computed (by the same
@@ -162,15 +187,24 @@ def compare(reference: Any, ref_values: Mapping[str, np.ndarray], cand_values: M
     result = Localization()
     errors: dict[str, float] = {}
     producers = ({o: n.op_type for n in candidate.graph.node for o in n.output} if candidate is not None else None)
+    quantized = dequantized_names(candidate) if candidate is not None else {}
     for node in reference.graph.node:
         out = next((o for o in node.output if o), None)
         if out is None or out not in ref_values:
             continue
-        if out not in cand_values or (producers is not None and out in producers
-                                      and not same_computation(node.op_type, producers.get(out))):
+        # A QDQ graph's consumers read the tensor after its QuantizeLinear/DequantizeLinear pair:
+        # that is the value to compare (it also undoes a fused activation: a Relu folded into a
+        # Conv is the uint8 clipping at zero, and the Conv's output took the Relu's name).
+        got_name = quantized.get(out)
+        if got_name is None and (out not in cand_values or (
+                producers is not None and out in producers and not same_computation(node.op_type, producers.get(out)))):
             result.unmatched += 1
             continue
-        figures = _error(ref_values[out], cand_values[out])
+        got_name = got_name or out
+        if got_name not in cand_values:
+            result.unmatched += 1
+            continue
+        figures = _error(ref_values[out], cand_values[got_name])
         if figures is None:
             continue
         cos_err, max_abs, rel = figures
@@ -187,22 +221,29 @@ def localize(reference: Any, candidate: Any, feeds: Mapping[str, np.ndarray],
     return compare(reference, reference_runner(reference, feeds), run_all(candidate, feeds), candidate)
 
 
-def write_subgraph(model_path: Path, node: NodeError, reference: Any, feeds: Mapping[str, np.ndarray],
-                   ref_values: Mapping[str, np.ndarray], dest: Path) -> list[Path]:
-    """The diverging node alone as an ONNX model (``onnx.utils.extract_model``) plus its inputs
-    as an .npz: the smallest failing subgraph, to file with a runtime's or converter's bug."""
-    onnx = require("onnx", purpose="read ONNX graphs")
+def write_subgraph(candidate_path: Path, candidate: Any, node: NodeError, reference: Any,
+                   feeds: Mapping[str, np.ndarray], ref_values: Mapping[str, np.ndarray], dest: Path) -> list[Path]:
+    """The diverging node as the candidate computes it, cut out of the candidate graph
+    (``onnx.utils.extract_model``: from the node's data inputs to its output, QuantizeLinear/
+    DequantizeLinear and Casts in between included), plus an .npz with its inputs and the
+    reference's output (``expected:<name>``): the smallest failing subgraph, to file with a
+    runtime's or converter's bug, Polygraphy ``debug reduce``'s idea for one node."""
+    require("onnx", purpose="read ONNX graphs")
     import onnx.utils
 
     target = next(n for n in reference.graph.node if (n.name or n.output[0]) == node.node)
-    initializers = {i.name for i in reference.graph.initializer}
-    inputs = [i for i in target.input if i and i not in initializers]
+    initializers = {i.name for i in reference.graph.initializer} | {i.name for i in candidate.graph.initializer}
+    produced = {o for n in candidate.graph.node for o in n.output} | {i.name for i in candidate.graph.input}
+    inputs = [i for i in target.input if i and i not in initializers and i in produced]
+    output = dequantized_names(candidate).get(node.output, node.output)
     dest.mkdir(parents=True, exist_ok=True)
     model_file = dest / "subgraph.onnx"
-    onnx.utils.extract_model(str(model_path), str(model_file), inputs, [node.output])
+    onnx.utils.extract_model(str(candidate_path), str(model_file), inputs, [output])
     data_file = dest / "subgraph_inputs.npz"
     values = {**feeds, **ref_values}
-    np.savez(data_file, **{name: np.asarray(values[name]) for name in inputs if name in values})
+    arrays = {name: np.asarray(values[name]) for name in inputs if name in values}
+    arrays[f"expected:{output}"] = np.asarray(ref_values[node.output])
+    np.savez(data_file, **arrays)
     return [model_file, data_file]
 
 
@@ -258,17 +299,16 @@ def localize_artifact(package: Any, fmt: str, feeds: Mapping[str, np.ndarray] | 
     candidate = load_model(candidate_path)
     origin = (art.options.get("optimization") or {}).get("from")
     if origin and origin in manifest.formats:
-        ref_path = package.resolve(manifest.artifact(origin).path)
-        reference = load_model(ref_path)
+        reference = load_model(package.resolve(manifest.artifact(origin).path))
         label = f"the {origin} artifact it was made from (ONNX Runtime)"
         ref_values = run_all(reference, feeds)
     else:
-        ref_path, reference = candidate_path, candidate
+        reference = candidate
         label = "the same graph in ONNX's reference evaluator (onnx.reference)"
         ref_values = run_reference_evaluator(reference, feeds)
     result = compare(reference, ref_values, run_all(candidate, feeds), candidate)
     found = ArtifactLocalization(fmt, label, result)
     first = result.first_divergence
     if out is not None and first is not None:
-        found.written = write_subgraph(ref_path, first, reference, feeds, ref_values, out / fmt)
+        found.written = write_subgraph(candidate_path, candidate, first, reference, feeds, ref_values, out / fmt)
     return found

@@ -20,6 +20,8 @@ from packager.errors import ExportError, require
 from packager.optimizing.plan import Made, Plan
 
 FILE = "model.onnx"
+#: The suffix ``quantize_dynamic`` gives the MatMul it makes of a Gemm.
+GEMM_MATMUL = "_MatMul"
 #: Operators the quantised graph uses for int8 compute (dynamic and QOperator forms).
 INT8_OPS = frozenset({"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
                       "QLinearConv", "QLinearMatMul", "QGemm", "QAttention", "DynamicQuantizeLSTM"})
@@ -56,6 +58,14 @@ def quantized_nodes(model: Any) -> list[str]:
                                          and any(i in dq_outputs for i in n.input))]
 
 
+def reference_name(name: str, gemms: set[str]) -> str:
+    """The pre-processed graph's name of a node the quantiser made (``<name>_quant``, and
+    ``<gemm>_MatMul`` for a Gemm the dynamic quantiser split)."""
+    name = name.removesuffix("_quant")
+    base = name.removesuffix(GEMM_MATMUL)
+    return base if base in gemms else name
+
+
 def convert(source: Path, dest: Path, plan: Plan) -> Made:
     """Write ``dest/model.onnx``, the int8 version of the ONNX file ``source``."""
     onnx = require("onnx", purpose="quantise ONNX models")
@@ -65,20 +75,25 @@ def convert(source: Path, dest: Path, plan: Plan) -> Made:
     if not pre.exists():
         pre = preprocess(source, work)
     out = dest / FILE
-    excluded = list(plan.keep) or None
+    pre_model = onnx.load(str(pre), load_external_data=False)
+    gemms = {n.name for n in pre_model.graph.node if n.op_type == "Gemm" and n.name}
+    excluded = list(plan.keep)
     if plan.method == "dynamic":
+        # quantize_dynamic first rewrites each Gemm into "<name>_MatMul" + "<name>_Add" and then
+        # matches nodes_to_exclude against those names: exclude the MatMul a kept Gemm became.
+        excluded += [f"{name}{GEMM_MATMUL}" for name in plan.keep if name in gemms]
         quant.quantize_dynamic(str(pre), str(out), per_channel=plan.per_channel, weight_type=quant.QuantType.QInt8,
-                               nodes_to_exclude=excluded)
+                               nodes_to_exclude=excluded or None)
     else:
         if not plan.calibration:
             raise ExportError("static int8 quantisation", "has no calibration data",
                               fix="pass --calibration data.npz (or --calibration random to use generated inputs)")
-        names = {i.name for i in onnx.load(str(pre), load_external_data=False).graph.input}
+        names = {i.name for i in pre_model.graph.input}
         quant.quantize_static(str(pre), str(out), _Reader(plan.calibration, names),
                               quant_format=quant.QuantFormat.QDQ, per_channel=plan.per_channel,
                               activation_type=quant.QuantType.QUInt8, weight_type=quant.QuantType.QInt8,
-                              nodes_to_exclude=excluded, calibrate_method=quant.CalibrationMethod.MinMax)
-    quantized = quantized_nodes(onnx.load(str(out), load_external_data=False))
+                              nodes_to_exclude=excluded or None, calibrate_method=quant.CalibrationMethod.MinMax)
+    quantized = sorted({reference_name(n, gemms) for n in quantized_nodes(onnx.load(str(out), load_external_data=False))})
     from packager.exporting import dist_version
 
     return Made(path=FILE, changed=quantized, reference=pre,
