@@ -261,7 +261,7 @@ def _localize(package: Path, report: Any, dest: Optional[Path]) -> None:
     pkg = Package(package, verify=False)  # verified above
     for fmt in failing:
         for line in localize_artifact(pkg, fmt, out=dest).lines():
-            out.print(line, highlight=False, markup=False)
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -276,7 +276,7 @@ def optimize(
                                               ".npy, .parquet or a folder of them; 'random' for generated inputs "
                                               "(a warning)."),
     budget: Optional[str] = typer.Option(None, "--budget", help="e.g. 'cosine>=0.999,top1>=0.99,max_abs<=1e-2' "
-                                         "(default fp16 cosine>=0.999; int8 cosine>=0.99,top1>=0.99)."),
+                                         "(default fp16 cosine>=0.999,rel<=0.05; int8 cosine>=0.99,top1>=0.99,rel<=0.25)."),
     max_tries: int = typer.Option(4, "--max-tries", help="Conversions tried, each keeping more of the costliest "
                                   "nodes in full precision."),
     calibration_rows: int = typer.Option(256, "--calibration-rows", help="Most calibration rows read."),

@@ -31,7 +31,9 @@ CRITERIA = {"cosine": (">=", "least per-row cosine similarity"),
             "max_abs": ("<=", "largest absolute difference"),
             "rel": ("<=", "largest absolute difference / the output's scale")}
 #: Budgets ``packager optimize`` applies when none is given (the issue's targets).
-DEFAULT_BUDGETS = {"float16": "cosine>=0.999", "int8": "cosine>=0.99,top1>=0.99"}
+#: Cosine cannot see a scale (an output 3x too large has cosine 1): a bound on the error relative
+#: to the output's scale goes with it.
+DEFAULT_BUDGETS = {"float16": "cosine>=0.999,rel<=0.05", "int8": "cosine>=0.99,top1>=0.99,rel<=0.25"}
 #: A budget with more than this share used is reported as near failing.
 NEAR_FAIL = 0.5
 

@@ -247,8 +247,8 @@ def optimize(package: str | Path, *, precision: str, source: str = "onnx", metho
         calibration: Rows to calibrate and judge on: an .npz/.npy/.parquet file or folder (as
             ``packager run`` reads), a dict of arrays, or ``"random"`` (generated, with a warning).
             Without it the golden rows alone are judged.
-        budget: e.g. ``"cosine>=0.999,top1>=0.99,max_abs<=1e-2"`` (default: fp16
-            ``cosine>=0.999``, int8 ``cosine>=0.99,top1>=0.99``).
+        budget: e.g. ``"cosine>=0.999,top1>=0.99,max_abs<=1e-2"`` (default:
+            :data:`~packager.fidelity.budget.DEFAULT_BUDGETS`).
         max_tries: Conversions tried, each keeping more of the costliest nodes in full precision.
         calibration_rows: The most calibration rows read.
         batch_size: Rows per runtime call (and per calibration batch).

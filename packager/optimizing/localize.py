@@ -241,7 +241,12 @@ def write_subgraph(candidate_path: Path, candidate: Any, node: NodeError, refere
     onnx.utils.extract_model(str(candidate_path), str(model_file), inputs, [output])
     data_file = dest / "subgraph_inputs.npz"
     values = {**feeds, **ref_values}
-    arrays = {name: np.asarray(values[name]) for name in inputs if name in values}
+    # The candidate may read an input in another dtype than the reference computed it (an fp16
+    # graph): the saved inputs are the reference's values in the subgraph's input dtypes.
+    dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+              for i in onnx.load(str(model_file), load_external_data=False).graph.input}
+    arrays = {name: np.asarray(values[name]).astype(dtypes.get(name, np.asarray(values[name]).dtype))
+              for name in inputs if name in values}
     arrays[f"expected:{output}"] = np.asarray(ref_values[node.output])
     np.savez(data_file, **arrays)
     return [model_file, data_file]

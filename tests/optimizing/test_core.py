@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from packager.errors import FidelityError, UsageError
+from packager.fidelity.budget import DEFAULT_BUDGETS
 from packager.manifest import MANIFEST_NAME
 from packager.optimizing import optimize
 from tests.conftest import run_cli
@@ -75,7 +76,7 @@ def test_static_int8_cnn_is_qdq_and_verifies(torch_cnn_package, cnn_calibration,
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     record = art["options"]["optimization"]
     assert record["method"] == "static" and record["format"] == "QDQ" and record["per_channel"] is True
-    assert record["nodes_quantized"] >= 2 and record["budget"] == "cosine>=0.99,top1>=0.99"
+    assert record["nodes_quantized"] >= 2 and record["budget"] == DEFAULT_BUDGETS["int8"]
     assert result.passed and art["parity"][0]["passed"]
     assert "budget" in " ".join(art["parity"][0]["notes"])
     assert run_cli("verify", str(package), "--format", "onnx_int8").returncode == 0
