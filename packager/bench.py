@@ -69,10 +69,28 @@ class BenchReport:
     fastest: dict[str, dict[str, Any]] = field(default_factory=dict)
     record_path: str | None = None
 
+    def speedups(self) -> list[dict[str, Any]]:
+        """Each optimised artifact's throughput over its source artifact's, same runtime, device
+        and batch size (``packager optimize``'s speed-up, measured by this run)."""
+        from packager.registry import FORMATS, OPTIMIZED_FORMATS
+
+        timed = {(r.format, r.runtime, r.device, r.batch_size): r.rows_per_s for r in self.rows if r.rows_per_s}
+        found = []
+        for (fmt, runtime, device, batch), rate in timed.items():
+            if fmt not in OPTIMIZED_FORMATS:
+                continue
+            for source in FORMATS[fmt].derived_from:
+                base = timed.get((source, runtime, device, batch))
+                if base:
+                    found.append({"format": fmt, "source": source, "runtime": runtime, "device": device,
+                                  "batch_size": batch, "speedup": round(rate / base, 3)})
+                    break
+        return found
+
     def to_dict(self) -> dict[str, Any]:
         return {"package": self.package, "manifest_sha256": self.manifest_sha256, "host": self.host,
                 "rows": [{**asdict(r), "unstable": r.unstable} for r in self.rows], "fastest": self.fastest,
-                "record_path": self.record_path}
+                "speedups": self.speedups(), "record_path": self.record_path}
 
 
 def cache_dir() -> Path:

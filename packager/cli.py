@@ -452,6 +452,12 @@ def bench(
             err.print(f"warning: {row.format} ({row.runtime}) {row.device} batch {row.batch_size}: runs varied too "
                       f"much to trust (p90 is {row.spread:.2f}x p50); stop other heavy programs or raise --min-time",
                       highlight=False)
+    groups: dict[tuple[str, str, str, str], list[str]] = {}
+    for sp in report.speedups():
+        groups.setdefault((sp["format"], sp["source"], sp["runtime"], sp["device"]), []).append(
+            f"{sp['speedup']:.2f}x at batch {sp['batch_size']}")
+    for (fmt, source, rt, dev), figures in groups.items():
+        out.print(f"{fmt} over {source} ({rt}, {dev}): {', '.join(figures)}", highlight=False, soft_wrap=True)
     for dev, best in report.fastest.items():
         out.print(f"fastest on {dev}: {best['runtime']} ({best['format']}) at batch {best['batch_size']}, "
                   f"{best['rows_per_s']:,.0f} rows/s", highlight=False)

@@ -11,6 +11,7 @@ removed (``remove_unnecessary_cast_node``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from packager.errors import require
 from packager.optimizing.plan import Made, Plan
@@ -25,6 +26,7 @@ def convert(source: Path, dest: Path, plan: Plan) -> Made:
     import warnings
 
     model = onnx.load(str(source))
+    split = _split_read_outputs(model)
     with warnings.catch_warnings():  # "the model contains values out of fp16 range": kept fp32 below
         warnings.simplefilter("ignore")
         half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=list(plan.keep),
@@ -40,7 +42,29 @@ def convert(source: Path, dest: Path, plan: Plan) -> Made:
                 record={"tool": f"onnxconverter-common {_version('onnxconverter-common')}",
                         "nodes_fp16": len(converted), "nodes_total": len(model.graph.node),
                         "ops_kept_fp32_by_the_converter": kept_ops,
-                        "cast_pairs_removed": casts_before - casts_after})
+                        "cast_pairs_removed": casts_before - casts_after,
+                        "outputs_split": split})
+
+
+def _split_read_outputs(model: Any) -> list[str]:
+    """Give each graph output that other nodes also read its own Identity node.
+
+    With ``keep_io_types`` the converter casts a graph output back to float32 but leaves the
+    nodes reading the same tensor expecting fp16, and ONNX Runtime refuses the model ("Type
+    (tensor(float16)) of output arg ... does not match"): BERT's pooler reads
+    ``last_hidden_state``. The producer now writes ``<name>_inner``, its readers read that, and an
+    Identity makes the output: same values, one type per tensor.
+    """
+    onnx = require("onnx", purpose="convert ONNX to fp16")
+    outputs = {o.name for o in model.graph.output}
+    read = {i for n in model.graph.node for i in n.input} & outputs
+    for name in sorted(read):
+        inner = f"{name}_inner"
+        for node in model.graph.node:
+            node.output[:] = [inner if o == name else o for o in node.output]
+            node.input[:] = [inner if i == name else i for i in node.input]
+        model.graph.node.append(onnx.helper.make_node("Identity", [inner], [name], name=f"{name}_output"))
+    return sorted(read)
 
 
 def _version(dist: str) -> str:

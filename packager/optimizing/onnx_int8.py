@@ -11,6 +11,8 @@ success: the artifact would be the fp32 model under an int8 name.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -73,7 +75,8 @@ def convert(source: Path, dest: Path, plan: Plan) -> Made:
     work = plan.work or dest
     pre = work / "preprocessed.onnx"
     if not pre.exists():
-        pre = preprocess(source, work)
+        with _quiet_quantizer():
+            pre = preprocess(source, work)
     out = dest / FILE
     pre_model = onnx.load(str(pre), load_external_data=False)
     gemms = {n.name for n in pre_model.graph.node if n.op_type == "Gemm" and n.name}
@@ -82,17 +85,19 @@ def convert(source: Path, dest: Path, plan: Plan) -> Made:
         # quantize_dynamic first rewrites each Gemm into "<name>_MatMul" + "<name>_Add" and then
         # matches nodes_to_exclude against those names: exclude the MatMul a kept Gemm became.
         excluded += [f"{name}{GEMM_MATMUL}" for name in plan.keep if name in gemms]
-        quant.quantize_dynamic(str(pre), str(out), per_channel=plan.per_channel, weight_type=quant.QuantType.QInt8,
-                               nodes_to_exclude=excluded or None)
-    else:
-        if not plan.calibration:
-            raise ExportError("static int8 quantisation", "has no calibration data",
-                              fix="pass --calibration data.npz (or --calibration random to use generated inputs)")
-        names = {i.name for i in pre_model.graph.input}
-        quant.quantize_static(str(pre), str(out), _Reader(plan.calibration, names),
-                              quant_format=quant.QuantFormat.QDQ, per_channel=plan.per_channel,
-                              activation_type=quant.QuantType.QUInt8, weight_type=quant.QuantType.QInt8,
-                              nodes_to_exclude=excluded or None, calibrate_method=quant.CalibrationMethod.MinMax)
+    elif not plan.calibration:
+        raise ExportError("static int8 quantisation", "has no calibration data",
+                          fix="pass --calibration data.npz (or --calibration random to use generated inputs)")
+    with _quiet_quantizer():
+        if plan.method == "dynamic":
+            quant.quantize_dynamic(str(pre), str(out), per_channel=plan.per_channel,
+                                   weight_type=quant.QuantType.QInt8, nodes_to_exclude=excluded or None)
+        else:
+            names = {i.name for i in pre_model.graph.input}
+            quant.quantize_static(str(pre), str(out), _Reader(plan.calibration, names),
+                                  quant_format=quant.QuantFormat.QDQ, per_channel=plan.per_channel,
+                                  activation_type=quant.QuantType.QUInt8, weight_type=quant.QuantType.QInt8,
+                                  nodes_to_exclude=excluded or None, calibrate_method=quant.CalibrationMethod.MinMax)
     quantized = sorted({reference_name(n, gemms) for n in quantized_nodes(onnx.load(str(out), load_external_data=False))})
     from packager.exporting import dist_version
 
@@ -102,3 +107,26 @@ def convert(source: Path, dest: Path, plan: Plan) -> Made:
                         "per_channel": plan.per_channel, "activations": "uint8" if plan.method == "static" else
                         "uint8, quantised per call", "weights": "int8", "nodes_quantized": len(quantized),
                         "preprocess": "quant_pre_process"})
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """The quantiser logs through the root logger (a warning per LayerNorm weight it skips, a
+    line per tensor): those go to packager's debug log, not the terminal."""
+    root = logging.getLogger()
+    records: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handlers, level = root.handlers[:], root.level
+    root.handlers[:] = [_Keep()]
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for record in records:
+            logging.getLogger("packager").debug("onnxruntime.quantization: %s", record.getMessage())

@@ -190,3 +190,14 @@ def test_a_graph_with_nothing_to_quantise_is_refused(session_dir, copy_of) -> No
     with pytest.raises(FidelityError, match="quantised no node"):
         optimize(package, precision="int8", method="dynamic", measure_speed=False)
     assert not (package / "onnx_int8").exists()
+
+
+def test_bench_shows_the_speedup_and_never_picks_an_optimised_artifact(mlp_onnx_package, copy_of) -> None:
+    from packager.bench import bench
+
+    package = copy_of(mlp_onnx_package)
+    optimize(package, precision="int8", method="dynamic", measure_speed=False, budget="cosine>=0.9")
+    report = bench(package, batch_sizes=[4], min_time=0.05, record=False)
+    (speedup,) = report.speedups()
+    assert speedup["format"] == "onnx_int8" and speedup["source"] == "onnx" and speedup["speedup"] > 0
+    assert report.fastest["cpu"]["format"] == "onnx"
