@@ -282,6 +282,8 @@ def optimize(
     calibration_rows: int = typer.Option(256, "--calibration-rows", help="Most calibration rows read."),
     batch_size: int = typer.Option(32, "--batch-size", help="Rows per runtime call and calibration batch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an optimised artifact of the same format."),
+    reduce_range: bool = typer.Option(False, "--reduce-range", help="int8 ONNX: 7-bit weights (no uint8 x int8 "
+                                      "saturation on x86 hosts without VNNI; less accurate)."),
     as_json: bool = typer.Option(False, "--json", help="Print the new artifact's manifest entry as JSON."),
 ) -> None:
     """Add an fp16 or int8 artifact, judged against the fp32 reference by an accuracy budget."""
@@ -290,7 +292,7 @@ def optimize(
     with _steps():
         result = do_optimize(package, precision=precision, source=source, method=method, calibration=calibration,
                              budget=budget, max_tries=max_tries, calibration_rows=calibration_rows,
-                             batch_size=batch_size, overwrite=overwrite)
+                             batch_size=batch_size, overwrite=overwrite, reduce_range=reduce_range)
     record = result.artifact.options["optimization"]
     if as_json:
         out.print_json(json.dumps(result.artifact.model_dump(mode="json")))

@@ -57,8 +57,6 @@ FP16_HEADROOM = 0.5
 FP16_MAX = 65504.0
 #: Share of the changed nodes each budget-search round keeps in full precision (then doubled).
 KEEP_SHARE = 0.05
-#: Operators ONNX Runtime's quantiser turns into int8 compute (what ``nodes_to_exclude`` can name).
-QUANTIZED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM", "Gather", "EmbedLayerNormalization"})
 #: Rows of the calibration data the localisation runs (every tensor of two graphs is kept in memory).
 LOCALIZE_ROWS = 8
 
@@ -197,6 +195,7 @@ class _Run:
     cases: list[tuple[str, list[dict[str, np.ndarray]], dict[str, np.ndarray]]]
     calibration: tuple[dict[str, np.ndarray], ...]
     notes: list[str]
+    reduce_range: bool = False
     judge: Judge = field(default_factory=Judge)
 
     @property
@@ -235,7 +234,7 @@ class _Run:
 def optimize(package: str | Path, *, precision: str, source: str = "onnx", method: str | None = None,
              calibration: str | Path | Mapping[str, np.ndarray] | None = None, budget: str | None = None,
              max_tries: int = 4, calibration_rows: int = 256, batch_size: int = 32, overwrite: bool = False,
-             seed: int = 0, measure_speed: bool = True) -> OptimizeResult:
+             seed: int = 0, measure_speed: bool = True, reduce_range: bool = False) -> OptimizeResult:
     """Add an fp16 or int8 artifact to a package, judged against the fp32 reference by a budget.
 
     Args:
@@ -255,6 +254,8 @@ def optimize(package: str | Path, *, precision: str, source: str = "onnx", metho
         overwrite: Replace an optimised artifact of the same format already in the package.
         seed: Seed of ``calibration="random"``.
         measure_speed: Time the new artifact against its source on this host (recorded).
+        reduce_range: int8 ONNX: 7-bit weights, which cannot saturate ONNX Runtime's uint8 x int8
+            kernels on x86 hosts without VNNI (:class:`~packager.optimizing.plan.Plan`).
 
     Raises:
         FidelityError: No candidate met the budget (exit 1; the best one's figures; nothing written).
@@ -301,7 +302,7 @@ def optimize(package: str | Path, *, precision: str, source: str = "onnx", metho
         notes.append("no calibration data: judged on the golden rows only (pass --calibration for a verdict on "
                      "your data)")
     run = _Run(pkg, manifest, manifest.artifact(source), target, FORMAT_RUNTIMES[target][0], spent, method, cases,
-               tuple(batches), notes)
+               tuple(batches), notes, reduce_range=reduce_range)
     with tempfile.TemporaryDirectory(prefix=".packager-optimize-") as scratch:
         best_dir, best_made, best, attempts, worst = _search(run, Path(scratch), max_tries)
         if not best.passed:
@@ -330,6 +331,7 @@ def _search(run: _Run, scratch: Path, max_tries: int) -> tuple[Path, Made, Attem
         folder = scratch / f"try{number}"
         folder.mkdir()
         plan = Plan(method=run.method, keep=tuple(keep), reasons=dict(keep), calibration=run.calibration,
+                    reduce_range=run.reduce_range,
                     work=scratch)
         with step("optimize", f"try {number}"):
             made = convert(src, folder, plan)
@@ -412,9 +414,9 @@ def _costliest(run: _Run, src: Path, folder: Path, made: Made, keep: dict[str, s
     if run.method == "fp16":
         return {n.node: f"added 1-cosine {n.gain:.3g} ({n.op}), the costliest after {len(keep)} kept"
                 for n in found.costliest(count, set(keep))}
-    # int8: only the operators the quantiser computes in int8 can be excluded from it; the error a
-    # node after one adds (a Relu, an Add reading its output) is charged to it.
-    owner = owners(reference, QUANTIZED_OPS)
+    # int8: only the nodes the quantiser changed can be excluded from it (QDQ quantises Add,
+    # MaxPool... too); the error a node after one adds (a Relu it fused) is charged to it.
+    owner = owners(reference, set(made.changed))
     ops = {n.name or n.output[0]: n.op_type for n in reference.graph.node}
     cost: dict[str, float] = {}
     for n in found.nodes:

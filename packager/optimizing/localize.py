@@ -161,20 +161,20 @@ def dequantized_names(model: Any) -> dict[str, str]:
             if n.op_type == "DequantizeLinear" and n.input and n.input[0] in quantize}
 
 
-def owners(reference: Any, ops: frozenset[str]) -> dict[str, str]:
-    """Each node of ``reference`` -> the nearest node at or above it whose op is in ``ops``,
-    following first data inputs (a Relu's error is its Conv's doing when only the Conv can be
-    kept out of quantisation)."""
+def owners(reference: Any, excludable: set[str]) -> dict[str, str]:
+    """Each node of ``reference`` -> the nearest node at or above it named in ``excludable``
+    (the nodes the quantiser changed), following first data inputs: a Relu's error is its
+    Conv's doing when only the Conv can be kept out of quantisation."""
     initializers = {i.name for i in reference.graph.initializer}
     producer = {o: n for n in reference.graph.node for o in n.output}
     found: dict[str, str] = {}
     for node in reference.graph.node:
         name = node.name or node.output[0]
         here, steps = node, 0
-        while here is not None and here.op_type not in ops and steps < 8:
+        while here is not None and (here.name or here.output[0]) not in excludable and steps < 8:
             data = next((i for i in here.input if i and i not in initializers), None)
             here, steps = producer.get(data) if data else None, steps + 1
-        if here is not None and here.op_type in ops:
+        if here is not None and (here.name or here.output[0]) in excludable:
             found[name] = here.name or here.output[0]
     return found
 

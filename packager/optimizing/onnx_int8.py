@@ -90,12 +90,13 @@ def convert(source: Path, dest: Path, plan: Plan) -> Made:
                           fix="pass --calibration data.npz (or --calibration random to use generated inputs)")
     with _quiet_quantizer():
         if plan.method == "dynamic":
-            quant.quantize_dynamic(str(pre), str(out), per_channel=plan.per_channel,
+            quant.quantize_dynamic(str(pre), str(out), per_channel=plan.per_channel, reduce_range=plan.reduce_range,
                                    weight_type=quant.QuantType.QInt8, nodes_to_exclude=excluded or None)
         else:
             names = {i.name for i in pre_model.graph.input}
             quant.quantize_static(str(pre), str(out), _Reader(plan.calibration, names),
                                   quant_format=quant.QuantFormat.QDQ, per_channel=plan.per_channel,
+                                  reduce_range=plan.reduce_range,
                                   activation_type=quant.QuantType.QUInt8, weight_type=quant.QuantType.QInt8,
                                   nodes_to_exclude=excluded or None, calibrate_method=quant.CalibrationMethod.MinMax)
     quantized = sorted({reference_name(n, gemms) for n in quantized_nodes(onnx.load(str(out), load_external_data=False))})
@@ -105,7 +106,9 @@ def convert(source: Path, dest: Path, plan: Plan) -> Made:
                 record={"tool": f"onnxruntime.quantization {dist_version('onnxruntime')}",
                         "method": plan.method, "format": "QDQ" if plan.method == "static" else "dynamic",
                         "per_channel": plan.per_channel, "activations": "uint8" if plan.method == "static" else
-                        "uint8, quantised per call", "weights": "int8", "nodes_quantized": len(quantized),
+                        "uint8, quantised per call", "weights": "int8, 7-bit range (no uint8 x int8 saturation on x86 without VNNI)" if
+                        plan.reduce_range else "int8 (full range: exact on VNNI hosts, may saturate on AVX2-only x86)",
+                        "reduce_range": plan.reduce_range, "nodes_quantized": len(quantized),
                         "preprocess": "quant_pre_process"})
 
 

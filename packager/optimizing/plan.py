@@ -24,6 +24,12 @@ class Plan:
     calibration: tuple[dict[str, np.ndarray], ...] = ()
     #: int8: per-channel weight scales.
     per_channel: bool = True
+    #: int8 ONNX: 7-bit weights. ONNX Runtime's x86 kernels without VNNI multiply uint8 by int8
+    #: with VPMADDUBSW, whose int16 pair sums can saturate for 8-bit weights (255 x 127 x 2 >
+    #: 32767); 7-bit weights cannot, at a cost in accuracy (measured: BERT's static int8 pooler
+    #: top-1 1.0 -> 0.97). Off by default; the record says which, and ``packager verify`` on the
+    #: deployment host judges what that host computes.
+    reduce_range: bool = False
     #: Scratch folder for intermediate files (deleted after the run).
     work: Path | None = None
 

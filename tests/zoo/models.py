@@ -84,3 +84,27 @@ def tiny_whisper_encoder(seed: int = 0):
                         max_source_positions=WHISPER_FRAMES // 2, max_target_positions=16,
                         pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3)
     return WhisperModel(cfg).get_encoder().eval()
+
+
+def tiny_resnet(seed: int = 0):
+    """A small transformers ResNetForImageClassification (basic blocks, 16-128 channels, 10
+    classes: ``logits``), BatchNorm statistics set by a few training-mode passes on
+    standard-normal 64x64 images (random-init statistics give near-constant outputs)."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                       layer_type="basic", num_labels=10)
+    model = ResNetForImageClassification(cfg).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a cumulative average over the passes below
+    with torch.no_grad():
+        for step in range(4):
+            model(pixel_values=torch.from_numpy(images(16, 100 + step)))
+    return model.eval()
+
+
+def images(batch: int, seed: int, size: int = 64) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
