@@ -58,11 +58,12 @@ def _print_details(report: "VerifyReport", console: Console, title: str | None) 
         cell = f"{row.format}/{row.runtime}/{row.device}"
         if row.conversion.startswith("budget:"):
             # An optimised artifact's "tol use" is its budget's: say which rule judged it.
-            figures = next((o.tolerance_source for c in row.cases if c.case == (row.worst.case if row.worst else "")
-                            for o in c.outputs if o.name == row.worst.output), None) if row.worst else None
+            worst = row.worst
+            figures = worst and next((o.tolerance_source for c in row.cases if c.case == worst.case
+                                      for o in c.outputs if o.name == worst.output), None)
             console.print(Text.assemble((cell, "cyan"), f": judged by its accuracy budget {row.conversion[7:]} "
                                         "(packager optimize), not by fp32 tolerances"
-                                        + (f"; worst case {row.worst.case}: {figures}" if figures else "")),
+                                        + (f"; worst case {worst.case}: {figures}" if figures else "")),
                           highlight=False, soft_wrap=True)
         if row.error:
             console.print(Text.assemble((cell, "red"), f": {cli_words(row.error)}"), highlight=False, soft_wrap=True)

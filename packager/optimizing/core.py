@@ -383,9 +383,10 @@ def _overflow_nodes(src: Path, run: _Run) -> dict[str, str]:
     from packager.optimizing.localize import load_model, run_all
 
     model = load_model(src)
+    feeds = _localize_feeds(run)
     values: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    values.update(_localize_feeds(run))
-    values.update(run_all(model, _localize_feeds(run)))
+    values.update(feeds)
+    values.update(run_all(model, feeds))
     tops: dict[str, float] = {}
     for name, value in values.items():
         value = np.asarray(value)

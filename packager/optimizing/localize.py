@@ -196,8 +196,8 @@ def compare(reference: Any, ref_values: Mapping[str, np.ndarray], cand_values: M
         # that is the value to compare (it also undoes a fused activation: a Relu folded into a
         # Conv is the uint8 clipping at zero, and the Conv's output took the Relu's name).
         got_name = quantized.get(out)
-        if got_name is None and (out not in cand_values or (
-                producers is not None and out in producers and not same_computation(node.op_type, producers.get(out)))):
+        if got_name is None and producers is not None and out in producers \
+                and not same_computation(node.op_type, producers[out]):
             result.unmatched += 1
             continue
         got_name = got_name or out

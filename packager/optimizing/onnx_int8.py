@@ -24,6 +24,9 @@ from packager.optimizing.plan import Made, Plan
 FILE = "model.onnx"
 #: The suffix ``quantize_dynamic`` gives the MatMul it makes of a Gemm.
 GEMM_MATMUL = "_MatMul"
+#: The manifest's description of the weights, by ``Plan.reduce_range``.
+WEIGHTS = {True: "int8, 7-bit range (no uint8 x int8 saturation on x86 without VNNI)",
+           False: "int8 (full range: exact on VNNI hosts, may saturate on AVX2-only x86)"}
 #: Operators the quantised graph uses for int8 compute (dynamic and QOperator forms).
 INT8_OPS = frozenset({"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
                       "QLinearConv", "QLinearMatMul", "QGemm", "QAttention", "DynamicQuantizeLSTM"})
@@ -44,11 +47,16 @@ def preprocess(source: Path, work: Path) -> Path:
     """``quant_pre_process`` of ``source`` into ``work`` (symbolic shape inference skipped when
     it fails: it does not know every operator)."""
     quant = require("onnxruntime.quantization", purpose="quantise ONNX models")
-    target = work / "preprocessed.onnx"
-    try:
-        quant.quant_pre_process(str(source), str(target))
-    except Exception:  # symbolic shape inference raises on operators it does not know
-        quant.quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+    target = (work / "preprocessed.onnx").resolve()
+    source = Path(source).resolve()
+    # An incomplete symbolic shape inference saves "sym_shape_infer_temp.onnx" and its external
+    # data (uuid-named files) into the working directory before it raises: run it in the scratch
+    # folder, not the user's (optimize is a single-threaded command, the chdir is safe there).
+    with contextlib.chdir(work):
+        try:
+            quant.quant_pre_process(str(source), str(target))
+        except Exception:  # symbolic shape inference raises on operators it does not know
+            quant.quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
     return target
 
 
@@ -106,8 +114,7 @@ def convert(source: Path, dest: Path, plan: Plan) -> Made:
                 record={"tool": f"onnxruntime.quantization {dist_version('onnxruntime')}",
                         "method": plan.method, "format": "QDQ" if plan.method == "static" else "dynamic",
                         "per_channel": plan.per_channel, "activations": "uint8" if plan.method == "static" else
-                        "uint8, quantised per call", "weights": "int8, 7-bit range (no uint8 x int8 saturation on x86 without VNNI)" if
-                        plan.reduce_range else "int8 (full range: exact on VNNI hosts, may saturate on AVX2-only x86)",
+                        "uint8, quantised per call", "weights": WEIGHTS[plan.reduce_range],
                         "reduce_range": plan.reduce_range, "nodes_quantized": len(quantized),
                         "preprocess": "quant_pre_process"})
 
