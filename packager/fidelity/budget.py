@@ -112,6 +112,36 @@ def figures(reference: np.ndarray, candidate: np.ndarray, scale: float, max_abs:
     return values
 
 
+#: A flipped row whose reference margin (top-1 minus runner-up) is below this many times the
+#: artifact's typical error (the median over all rows of a row's largest error) is a near tie: any
+#: approximation of that size flips some such rows, so the miss says more about the rows than about
+#: the artifact. (A row's own error cannot be the yardstick: any flip needs an error of half the margin.)
+NEAR_TIE = 2.0
+
+
+def explain_top1(reference: np.ndarray, candidate: np.ndarray) -> str:
+    """Why rows of [rows, classes] scores changed class: how many, and their reference margins
+    against the artifact's typical error (near ties vs confident answers changed)."""
+    ref = np.asarray(reference, np.float64)
+    got = np.asarray(candidate, np.float64)
+    flipped = np.flatnonzero(ref.argmax(axis=1) != got.argmax(axis=1))
+    if not flipped.size:
+        return ""
+    top2 = np.sort(ref[flipped], axis=1)[:, -2:]
+    margins = top2[:, 1] - top2[:, 0]
+    typical = float(np.median(np.abs(got - ref).max(axis=1)))
+    ties = int(np.sum(margins < NEAR_TIE * typical))
+    text = (f"{flipped.size} of {ref.shape[0]} rows changed class (rows {', '.join(map(str, flipped[:8]))}"
+            f"{', ...' if flipped.size > 8 else ''}); their reference margins (top-1 minus runner-up) are "
+            f"{np.median(margins):.3g} median, {margins.max():.3g} max, against a typical row error of {typical:.3g}")
+    if ties == flipped.size:
+        return text + (f"; all {ties} are near ties (margin < {NEAR_TIE:g}x the typical error): the reference "
+                       "barely separates those classes on these rows (an untrained model or ambiguous inputs), "
+                       "so calibrate and judge on real data, or judge by cosine/rel")
+    return text + (f"; {flipped.size - ties} of them are not near ties (margin >= {NEAR_TIE:g}x the typical "
+                   "error): the artifact changes confident answers, keep more nodes in full precision")
+
+
 def _use(name: str, bound: float, value: float) -> float:
     """Share of the budget used: 1.0 is the edge of failing."""
     if CRITERIA[name][0] == ">=":
@@ -138,7 +168,8 @@ def apply_budget(metrics: OutputMetrics, budget: Budget, reference: np.ndarray, 
         uses.append(use)
         parts.append(f"{name} {value:.6g} {CRITERIA[name][0]} {bound:g}")
         if use > 1.0:
-            problems.append(f"{name} {value:.6g} misses the budget {name}{CRITERIA[name][0]}{bound:g}")
+            problems.append(f"{name} {value:.6g} misses the budget {name}{CRITERIA[name][0]}{bound:g}"
+                            + (f": {explain_top1(ref, got)}" if name == "top1" else ""))
     if not applied:
         problems.append(f"no criterion of the budget {budget} applies to this output (top1 needs [rows, classes] "
                         "scores): add cosine, max_abs or rel")

@@ -70,3 +70,20 @@ def test_top1_alone_does_not_apply_to_an_embedding(rng: np.random.Generator) -> 
     emb = rng.standard_normal((4, 8, 16)).astype(np.float32)
     out = Judge().compare({"e": emb}, {"e": emb}, "budget:top1>=0.99").outputs[0]
     assert not out.passed and "no criterion" in out.problem
+
+
+def test_top1_miss_says_whether_the_flips_are_near_ties(rng: np.random.Generator) -> None:
+    ref = _scores(rng)
+    ref[:4, 0], ref[:4, 1] = 10.0, 9.999  # four rows whose two best classes nearly tie
+    ties = ref + rng.uniform(-0.01, 0.01, ref.shape).astype(np.float32)  # an error of about 0.01 on every row
+    ties[:4, 0], ties[:4, 1] = 9.99, 10.0  # ... which swaps the near ties
+    out = Judge().compare({"y": ref}, {"y": ties}, "budget:top1>=0.99").outputs[0]
+    assert not out.passed and "4 of 64 rows changed class (rows 0, 1, 2, 3)" in out.problem
+    assert "all 4 are near ties" in out.problem and "judge by cosine/rel" in out.problem
+
+    confident = ties.copy()
+    confident[:4] = ref[:4]
+    confident[5] = -confident[5]  # a row the reference separates clearly, turned around
+    out = Judge().compare({"y": ref}, {"y": confident}, "budget:top1>=0.99").outputs[0]
+    assert not out.passed and "1 of 64 rows changed class (rows 5)" in out.problem
+    assert "1 of them are not near ties" in out.problem and "keep more nodes" in out.problem

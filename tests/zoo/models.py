@@ -106,5 +106,40 @@ def tiny_resnet(seed: int = 0):
     return model.eval()
 
 
+def blobs(batch: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """A learnable 10-class image task: a bright 8x5 patch at one of 2x5 places (the class) on noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, batch)
+    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32) * 0.5
+    for i, label in enumerate(labels):
+        row, col = divmod(int(label), 5)
+        x[i, :, 4 + row * 14:12 + row * 14, 1 + col * 6:6 + col * 6] += 2.0
+    return x, labels
+
+
+def trained_resnet(steps: int = 120) -> tuple[object, float]:
+    """:func:`tiny_resnet` trained on :func:`blobs` (about 6 s on 2 cores): a classifier whose
+    answers are confident (top-2 logit margins of several units), unlike a random-init one whose
+    logits sit in near ties. Returns the model and its accuracy on 256 held-out images."""
+    import torch
+
+    model = tiny_resnet().train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.1
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for step in range(steps):
+        x, y = blobs(32, 1000 + step)
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=torch.from_numpy(x)).logits, torch.from_numpy(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x, y = blobs(256, 2)
+    with torch.no_grad():
+        accuracy = float((model(pixel_values=torch.from_numpy(x)).logits.argmax(1).numpy() == y).mean())
+    return model, accuracy
+
+
 def images(batch: int, seed: int, size: int = 64) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)

@@ -1,7 +1,9 @@
 """packager optimize on models we did not write (issue 16's targets): a transformer encoder
-(transformers BertModel) and a CNN (transformers ResNetModel) each get fp16 and int8 artifacts
-that meet the default budgets on calibration rows, verify by them, and record the speed-up
-measured on this host (reported, not asserted: speed is for benchmarks)."""
+(transformers BertModel) and a CNN (transformers ResNetForImageClassification, trained on a small
+learnable image task) each get fp16 and int8 artifacts that meet the default budgets (int8:
+top-1 agreement >= 0.99 on the calibration rows), verify by them, and record the speed-up
+measured on this host (reported, not asserted: speed is for benchmarks). The same CNN untrained
+shows what a top-1 miss on near ties reports."""
 from __future__ import annotations
 
 import json
@@ -17,10 +19,7 @@ pytest.importorskip("onnxruntime.quantization")
 BERT_SPEC = ["input_ids:int64[batch,seq=1..32]@0:100", "token_type_ids:int64[batch,seq=1..32]@0:2",
              "attention_mask:int64[batch,seq=1..32]@0:2"]
 CASES = {"bert": [("fp16", None, None), ("int8", "dynamic", None), ("int8", "static", None)],
-         # A random-init classifier's logits sit in near ties (top-2 margins down to 1e-3, below
-         # int8's error of ~0.1): top-1 on them measures luck, so its int8 case is judged by
-         # cosine and relative error (measured here: top-1 0.977 on 128 rows, cosine 0.994).
-         "resnet": [("fp16", None, None), ("int8", "static", "cosine>=0.99,rel<=0.25")]}
+         "resnet": [("fp16", None, None), ("int8", "static", None)]}
 
 
 def _package(name: str, tmp_path):
@@ -31,9 +30,11 @@ def _package(name: str, tmp_path):
                               input_spec=BERT_SPEC)
         calibration = Z.bert_feeds(64, 16, 5)
     else:
-        out = packager.export(Z.tiny_resnet(), {"pixel_values": Z.images(4, 9)}, out=tmp_path / "pkg",
-                              formats=["onnx"], input_spec=["pixel_values:float32[batch,3,64,64]"])
-        calibration = {"pixel_values": Z.images(128, 7)}
+        model, accuracy = Z.trained_resnet()
+        assert accuracy >= 0.99  # trained: its answers are confident, so top-1 agreement means something
+        out = packager.export(model, {"pixel_values": Z.blobs(4, 9)[0]}, out=tmp_path / "pkg",
+                              formats=["onnx"], input_spec=["pixel_values:float32[batch,3,32,32]"])
+        calibration = {"pixel_values": Z.blobs(128, 7)[0]}
     path = tmp_path / "calibration.npz"
     np.savez(path, **calibration)
     return out.path, path
@@ -66,3 +67,27 @@ def test_real_models_meet_the_default_budgets(tmp_path, name, capsys):
     assert {"onnx_fp16", "onnx_int8"} <= formats
     manifest = json.loads((package / "manifest.json").read_text())
     assert all(a["parity"][0]["passed"] for a in manifest["artifacts"])
+
+
+@pytest.mark.slow
+def test_untrained_cnn_top1_miss_is_explained(tmp_path):
+    """A random-init classifier's logits sit in near ties (top-2 margins down to 1e-3, below int8's
+    error of ~0.1): the default int8 budget's top-1 term measures luck on them. The search either
+    meets it or stops with exit 1 saying the flipped rows are near ties, never a bare figure."""
+    import packager
+    from packager.errors import FidelityError
+    from packager.optimizing import optimize
+
+    out = packager.export(Z.tiny_resnet(), {"pixel_values": Z.images(4, 9)}, out=tmp_path / "pkg",
+                          formats=["onnx"], input_spec=["pixel_values:float32[batch,3,64,64]"])
+    np.savez(tmp_path / "calibration.npz", pixel_values=Z.images(128, 7))
+    try:
+        optimize(out.path, precision="int8", method="static", calibration=tmp_path / "calibration.npz", max_tries=2)
+    except FidelityError as exc:
+        text = str(exc)
+        assert "misses the budget" in text and "rows changed class" in text, text
+        assert "near ties" in text, text
+    # Judged by cosine and relative error instead, the same artifact is fine.
+    result = optimize(out.path, precision="int8", method="static", calibration=tmp_path / "calibration.npz",
+                      budget="cosine>=0.99,rel<=0.25", overwrite=True)
+    assert result.passed
