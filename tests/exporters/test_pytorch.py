@@ -330,3 +330,152 @@ def test_rnn_onnx_declares_the_measured_dynamic_seq_axis(tmp_path, cell):
                 ref = model(torch.from_numpy(feed)).numpy()
             got = runner.run({"x": feed})["output"]
             assert got.shape == (3, seq, 3) and np.max(np.abs(got - ref)) < 1e-5
+
+
+class _Rate(torch.nn.Module):
+    """Silero-VAD-like: ``forward(x, sr: int)``, a plain value that picks a branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, sr: int) -> torch.Tensor:
+        y = self.lin(x)
+        return y * 2.0 if sr == 16000 else y
+
+
+@pytest.fixture(scope="module")
+def rate_archives(tmp_path_factory):
+    """One TorchScript archive of :class:`_Rate` under the names wheels ship them with."""
+    folder = tmp_path_factory.mktemp("rate")
+    torch.manual_seed(0)
+    scripted = torch.jit.script(_Rate().eval())
+    for name in ("vad.jit", "vad.ts", "vad"):
+        torch.jit.save(scripted, str(folder / name))
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    np.savez(folder / "x.npz", x=x)
+    return folder, scripted, x
+
+
+def test_torchscript_archive_is_recognised_by_content(rate_archives, tmp_path):
+    from packager.exporters import detect_framework
+
+    folder, _, _ = rate_archives
+    for name in ("vad.jit", "vad.ts", "vad"):
+        assert detect_framework(folder / name) == "torch", name
+    (tmp_path / "other.jit").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: not a torch archive
+    with pytest.raises(SourceError, match="not a model save packager recognises"):
+        detect_framework(tmp_path / "other.jit")
+
+
+def test_non_tensor_argument_is_bound_with_constant(rate_archives, tmp_path):
+    from tests.conftest import run_cli
+
+    folder, scripted, x = rate_archives
+    base = ["export", str(folder / "vad"), "--example-inputs", str(folder / "x.npz"), "--input-spec",
+            "x:float32[batch,8]", "--formats", "torchscript,onnx"]
+    missing = run_cli(*base, "--out", str(tmp_path / "none"))
+    assert missing.returncode == 2, missing.stderr
+    assert "['sr']" in missing.stderr and "--constant sr=" in missing.stderr and "Traceback" not in missing.stderr
+    assert not (tmp_path / "none").exists()
+
+    done = run_cli(*base, "--constant", "sr=16000", "--out", str(tmp_path / "pkg"))
+    assert done.returncode == 0, done.stderr
+    manifest = packager.Package(tmp_path / "pkg").manifest
+    assert manifest.extra["constants"] == {"sr": 16000}
+    assert manifest.extra["input_binding"]["constants"] == {"sr": 16000}
+    assert [s.name for s in manifest.signature.inputs] == ["x"]  # a constant is not an input
+    with torch.no_grad():
+        want = scripted(torch.from_numpy(x), 16000).numpy()
+        other = scripted(torch.from_numpy(x), 8000).numpy()
+    assert np.max(np.abs(want - other)) > 0.1  # the constant matters: a wrong binding would show
+    for fmt in ("torchscript", "onnx"):
+        with runtimes.load(tmp_path / "pkg", format=fmt) as runner:
+            np.testing.assert_allclose(runner.run({"x": x})["output"], want, atol=1e-5, rtol=1e-5)
+    shown = run_cli("inspect", str(tmp_path / "pkg"))
+    assert "sr=16000" in shown.stdout
+
+
+def test_constants_api_refusals(tmp_path):
+    model = _Rate().eval()
+    x = {"x": np.ones((2, 8), np.float32)}
+    result = packager.export(model, x, out=tmp_path / "ok", formats=["torchscript"], constants={"sr": 8000})
+    assert result.manifest.extra["constants"] == {"sr": 8000}
+    for constants, why in [({"rate": 1}, r"are not forward\(\)'s parameters"), ({"sr": [1, 2]}, "are not int, float"),
+                           ({"sr": 1, "x": 2}, "are also example inputs")]:
+        with pytest.raises(UsageError, match=why):
+            packager.export(model, x, out=tmp_path / "bad", formats=["torchscript"], constants=constants)
+    assert not (tmp_path / "bad").exists()
+
+
+class _HalveDouble(torch.nn.Module):
+    """A skip connection around a stride-2 conv and a 2x upsample (a face detector's pattern):
+    only even sizes of h and w add up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = torch.nn.Conv2d(3, 3, 3, 2, 1)
+        self.up = torch.nn.Upsample(scale_factor=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.down(x))
+
+
+def test_torch_export_says_which_sizes_the_model_allows(tmp_path):
+    """torch.export's suggested fixes (h = 2*_h) come back as the --input-spec to write; written,
+    the spec exports and verifies at its extremes, with the output axes named after h and w."""
+    torch.manual_seed(0)
+    model = _HalveDouble().eval()
+    x = {"x": np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)}
+    with pytest.raises(ExportError) as caught:
+        packager.export(model, x, out=tmp_path / "a", formats=["torch_export"],
+                        input_spec=["x:float32[batch,3,h=1..128,w=1..128]"])
+    text = str(caught.value)
+    assert "h = 2*_h: sizes 4, 6, ... up to 128" in text, text
+    spec = "x:float32[batch,3,h=4..128/2,w=4..128/2]"
+    assert f"--input-spec '{spec}'" in text
+
+    result = packager.export(model, x, out=tmp_path / "b", formats=["torch_export", "onnx"], input_spec=[spec])
+    assert result.manifest.signature.dims["h"].step == 2
+    assert result.manifest.signature.outputs[0].shape == ("batch", 3, "h", "w")
+    report = packager.verify(str(tmp_path / "b"))
+    assert report.exit_code == 0, [(r.format, r.verdict, r.worst, r.contract) for r in report.rows]
+    assert {"h=4", "h=128", "w=4", "w=128"} <= {c.case for r in report.rows for c in r.cases}
+
+
+class _Boxes(torch.nn.Module):
+    """A detector's head: the boxes whose score passes 0.5 (how many depends on the values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.conv(x)
+        scores = maps[:, 0].sigmoid().flatten(1)[0]
+        keep = scores > 0.5
+        return maps[:, 1:].flatten(2)[0].t()[keep], scores[keep]
+
+
+def test_value_dependent_output_sizes_are_dynamic(tmp_path):
+    """With every input size fixed, the number of boxes still follows the values: the signature
+    must not fix it at the example's count (every other image would break the contract)."""
+    torch.manual_seed(0)
+    model = _Boxes().eval()
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    result = packager.export(model, x, out=tmp_path / "pkg", formats=["torchscript", "onnx", "torch_export"],
+                             input_spec=["x:float32[1,3,8,8]"], output_names=["boxes", "scores"])
+    shapes = {s.name: s.shape for s in result.manifest.signature.outputs}
+    assert shapes == {"boxes": ("boxes_dim0", 4), "scores": ("scores_dim0",)}
+    assert any("depend on the input values" in line for line in result.manifest.extra["export_log"])
+    counts = set()
+    for seed in (1, 2):
+        fresh = np.random.default_rng(seed).standard_normal((1, 3, 8, 8)).astype(np.float32) * 2
+        with torch.no_grad():
+            boxes, _ = model(torch.from_numpy(fresh))
+        counts.add(boxes.shape[0])
+        for fmt in ("torchscript", "onnx", "torch_export"):
+            with runtimes.load(tmp_path / "pkg", format=fmt) as runner:
+                got = runner.run({"x": fresh})["boxes"]
+            assert got.shape == tuple(boxes.shape) and np.max(np.abs(got - boxes.numpy())) <= 1e-5, (fmt, seed)
+    assert len(counts) == 2  # the counts differ between images: a fixed count would fail
