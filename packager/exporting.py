@@ -12,7 +12,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from packager import __version__
-from packager.errors import ExportError, FidelityError, InputError, PackagerError, RuntimeLoadError, UsageError
+from packager.errors import (ExportError, FidelityError, InputError, PackagerError, RuntimeLoadError, SourceError,
+                             UsageError)
 from packager.exporters import (ArtifactSpec, ExportContext, LoadedModel, SourceOptions, bind_by_name, bind_constants,
                                 converter, detect_framework, exporter, parse_exporter_options)
 from packager.fidelity.judge import Judge, as_parity, conversion_kind
@@ -407,8 +408,13 @@ def export(
     with step("export", "eager reference"):
         reference = _first_eager_run(fw, loaded, example)
         unrepeatable = _unrepeatable(fw, loaded, example, reference)
-    if unrepeatable:  # the parity failure it causes names it as its cause (parity_error)
-        notes.append(f"the model {unrepeatable}")
+    if unrepeatable and not allow_mismatch:
+        raise SourceError("the model", unrepeatable,
+                          fix="export the stateless network inside it, with the state as an input and an output "
+                              "(Silero VAD: model._model, forward(x, state)), reset the state inside forward(), or "
+                              "take the randomness out (eval mode); --allow-mismatch writes the package anyway")
+    if unrepeatable:
+        notes.append(f"the model {unrepeatable} (written because of --allow-mismatch)")
     names = output_names or loaded.output_names or (
         [f"output_{i}" for i in range(len(reference))] if len(reference) > 1 else ["output"])
     if len(names) != len(reference):
@@ -452,7 +458,7 @@ def export(
             log.info("%s", line)
         failed = [a for a in artifacts if not a.passed]
         if failed and not allow_mismatch:
-            raise parity_error(failed, unrepeatable)
+            raise parity_error(failed)
         with step("export", "write package"):
             path = writer.commit(manifest)
     return ExportResult(path=path, manifest=manifest)
@@ -656,9 +662,8 @@ def check_parity(path: Path, artifact: Artifact, signature: Signature, inputs: d
                   notes=notes)
 
 
-def parity_error(failed: list[Artifact], unrepeatable: str | None = None) -> FidelityError:
-    """One error listing every failing format, output and figure; with the cause first when the
-    eager model itself was not repeatable (no artifact can match golden data it cannot reproduce)."""
+def parity_error(failed: list[Artifact]) -> FidelityError:
+    """One error listing every failing format, output and figure."""
     lines = []
     for art in failed:
         for parity in art.parity:
@@ -671,10 +676,5 @@ def parity_error(failed: list[Artifact], unrepeatable: str | None = None) -> Fid
     numeric = any(not o.passed for art in failed for p in art.parity for o in p.outputs)
     # Only numbers that differ are a fidelity failure (exit 1); an artifact that cannot run is exit 4.
     cls = FidelityError if numeric else RuntimeLoadError
-    if unrepeatable:
-        return cls("export parity", f"the model {unrepeatable}, so no artifact can match its golden outputs: "
-                   + "; ".join(lines), fix="export the stateless network inside it, with the state as an input and "
-                   "an output (Silero VAD: model._model, forward(x, state)), reset the state inside forward(), or "
-                   "take the randomness out (eval mode)")
     return cls("export parity", "; ".join(lines), fix="fix the export, loosen --atol/--rtol if the error "
                "is expected, or pass --allow-mismatch to write the package anyway")

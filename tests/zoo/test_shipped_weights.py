@@ -87,9 +87,9 @@ def test_silero_vad_shipped_torchscript(tmp_path):
 def test_silero_vad_shipped_file_as_users_hold_it(tmp_path):
     """The wheel's ``silero_vad.jit`` given as a file: recognised as TorchScript by its content
     (``.jit`` is no torch suffix); its ``forward(x, sr: int)`` needs ``--constant sr=...`` (exit 2
-    naming ``sr`` without it); bound, the top-level module fails parity (exit 1) with the cause
-    first: it is not repeatable (it keeps its audio context and RNN state between calls), and the
-    fix points to the stateless network the test above exports."""
+    naming ``sr`` without it); bound, the top-level module is refused as not repeatable (it keeps
+    its audio context and RNN state between calls), pointing to the stateless network the test
+    above exports."""
     from tests.conftest import run_cli
 
     jit = _shipped("silero_vad", "data", "silero_vad.jit")
@@ -98,9 +98,8 @@ def test_silero_vad_shipped_file_as_users_hold_it(tmp_path):
             "--input-spec", f"x:float32[batch,{CHUNK}]"]
     missing = run_cli(*base, "--out", str(tmp_path / "a"))
     assert missing.returncode == 2 and "['sr']" in missing.stderr and "--constant sr=" in missing.stderr, missing.stderr
-    # (its ONNX export fails on its own: the exporter cannot translate a bitwise Not in its code)
-    bound = run_cli(*base, "--constant", "sr=16000", "--formats", "torchscript", "--out", str(tmp_path / "b"))
-    assert bound.returncode == 1 and "is not repeatable" in bound.stderr, bound.stderr
+    bound = run_cli(*base, "--constant", "sr=16000", "--out", str(tmp_path / "b"))
+    assert bound.returncode == 2 and "is not repeatable" in bound.stderr, bound.stderr
     assert "model._model" in bound.stderr
     assert "Traceback" not in missing.stderr + bound.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
