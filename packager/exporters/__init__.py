@@ -160,8 +160,8 @@ def detect_framework(source: Any) -> str:
                               fix=f"check the path (relative to the current folder {str(Path.cwd())!r}){prefix}")
         install = "; ".join(f"{n} is not installed here (pip install 'packager[{FRAMEWORKS[n].extra}]')" for n in missing)
         raise SourceError(str(path), "is not a model save packager recognises",
-                          expected=".pt/.pth/.pt2 or a TorchScript archive under any name (torch), "
-                          ".keras/.h5/SavedModel (tensorflow), .pdparams/.pdmodel/.json (paddle)",
+                          expected=".pt/.pth/.pt2 or a TorchScript archive under any name (torch), .keras/.h5/SavedModel (tensorflow), "
+                          ".pdparams/.pdmodel/.json (paddle)",
                           got=path.suffix or ("a folder" if path.is_dir() else "a file without a suffix"),
                           fix="pass --framework to say which framework saved it" + (f"; {install}" if install else ""))
     module = type(source).__module__.split(".")[0]
@@ -211,8 +211,7 @@ def parse_constant(item: str) -> tuple[str, Any]:
     return key.strip(), value if isinstance(value, CONSTANT_TYPES) else raw
 
 
-def bind_constants(loaded: LoadedModel, feeds: dict[str, np.ndarray],
-                   constants: dict[str, Any] | None) -> dict[str, Any]:
+def bind_constants(loaded: LoadedModel, feeds: dict[str, np.ndarray], constants: dict[str, Any] | None) -> dict[str, Any]:
     """Check ``constants`` (non-tensor ``forward`` arguments such as Silero VAD's ``sr``) against
     the model's parameters and the feeds, and bind them: the exporters then call the model by
     keyword with them, and they are baked into every artifact. Also refuses a call that leaves a

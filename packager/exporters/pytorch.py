@@ -335,8 +335,7 @@ def _parameters(model: Any) -> tuple[list[str] | None, bool, dict[str, tuple[str
     return names, var_keyword, info
 
 
-def default_constants(loaded: LoadedModel, feeds: dict[str, Any],
-                      constants: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def default_constants(loaded: LoadedModel, feeds: dict[str, Any], constants: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Constants bound unless the user gives them, and a note on each: a Hugging Face decoder
     (GPT-2 and the like) returns its key/value cache by default (``use_cache=True``), an object
     no artifact can return, so its cache is turned off, as its export guides do."""
