@@ -245,9 +245,8 @@ def bind_constants(loaded: LoadedModel, feeds: dict[str, np.ndarray], constants:
         if bad:
             raise UsageError(f"constants {sorted(bad)}", "are not int, float, bool, str or None", got=bad,
                              fix="feed tensors as example inputs; constants are plain values")
-    # Only where feeds bind by name: positional feeds (no usable parameter names) cannot be checked.
     unbound = [name for name, (kind, required) in params.items() if required and name not in feeds
-               and name not in constants] if loaded.input_names and not loaded.extra.get("call_positional") else []
+               and name not in constants]
     if unbound:
         plain = [n for n in unbound if params[n][0] in ("int", "float", "bool", "str")]
         raise UsageError(f"forward() parameter(s) {unbound}", "are required but neither fed nor bound",

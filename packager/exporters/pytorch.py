@@ -306,9 +306,6 @@ def _eval(model: Any) -> None:
         pass
 
 
-_GENERATED_NAME = re.compile(r"^(input|inputs|args|argument_\d+|input_\d+|\w+\.\d+)$")
-
-
 def _parameters(model: Any) -> tuple[list[str] | None, bool, dict[str, tuple[str, bool]]]:
     """``forward``'s parameter names, whether it takes ``**kwargs``, and each parameter's type
     name and whether it is required (what :func:`packager.exporters.bind_constants` checks)."""
@@ -316,13 +313,8 @@ def _parameters(model: Any) -> tuple[list[str] | None, bool, dict[str, tuple[str
     schema = getattr(fn, "schema", None)
     if schema is not None:  # a TorchScript method: inspect cannot read it, its schema can
         args = [a for a in schema.arguments if a.name != "self"]
-        info = {a.name: (str(a.type), not a.has_default_value()) for a in args}
-        names = [a.name for a in args]
-        # Names the tracer or a *args wrapper made up (input, argument_1, input_1, x.1) say nothing
-        # a user could feed by: such archives keep positional binding, as before.
-        if not names or all(_GENERATED_NAME.match(n) for n in names):
-            return None, False, info
-        return names, False, info
+        return [a.name for a in args] or None, False, {
+            a.name: (str(a.type), not a.has_default_value()) for a in args}
     names, var_keyword = forward_parameters(fn)
     info: dict[str, tuple[str, bool]] = {}
     try:

@@ -363,11 +363,6 @@ def test_torchscript_archive_is_recognised_by_content(rate_archives, tmp_path):
     folder, _, _ = rate_archives
     for name in ("vad.jit", "vad.ts", "vad"):
         assert detect_framework(folder / name) == "torch", name
-    # A traced archive's parameters are the tracer's (``input``): feeds bind by position, as before.
-    torch.jit.save(torch.jit.trace(torch.nn.Linear(8, 2).eval(), torch.zeros(1, 8)), str(tmp_path / "lin.ts"))
-    result = packager.export(tmp_path / "lin.ts", {"x": np.ones((2, 8), np.float32)}, out=tmp_path / "lin",
-                             formats=["torchscript"])
-    assert result.manifest.extra["input_binding"]["mode"] == "positional"
     (tmp_path / "other.jit").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: not a torch archive
     with pytest.raises(SourceError, match="not a model save packager recognises"):
         detect_framework(tmp_path / "other.jit")
