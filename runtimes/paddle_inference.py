@@ -20,7 +20,6 @@ give one predictor more cores.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any, Literal
 
@@ -32,8 +31,6 @@ from packager.signature import Signature
 from runtimes._paddle import (check_gpu, check_program, first_line, paddle_module, quiet,
                               read_program_signature, resolve_model_files)
 from runtimes.base import Runner, RunnerOptions
-
-log = logging.getLogger("runtimes.paddle_inference")
 
 
 class PaddleInferenceRunner(Runner):
@@ -63,7 +60,6 @@ class PaddleInferenceRunner(Runner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._local = threading.local()
-        self._ran: set[int] = set()  # ids of predictors that have run once (see _run_on)
         self._clone_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
@@ -194,16 +190,7 @@ class PaddleInferenceRunner(Runner):
             handle = predictor.get_input_handle(name)
             handle.reshape(list(array.shape))
             handle.copy_from_cpu(np.ascontiguousarray(array))
-        if id(predictor) in self._ran:
-            predictor.run()
-        else:
-            # A predictor's first run picks its kernels, and oneDNN's checks print to stdout from
-            # C++ ("ReduceMeanCheckIfOneDNNSupport"): that one run is captured, to the debug log.
-            with quiet() as printed:
-                predictor.run()
-            self._ran.add(id(predictor))
-            if printed.text.strip():
-                log.debug("Paddle Inference printed on its first run: %s", printed.tail(2000))
+        predictor.run()
         return [predictor.get_output_handle(n).copy_to_cpu() for n in self._output_names]
 
     def _close(self) -> None:

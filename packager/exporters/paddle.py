@@ -19,7 +19,6 @@ paddle is imported inside functions only: this module is imported to ask ``claim
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 from pydantic import Field
@@ -353,38 +352,12 @@ def _logged(ctx: ExportContext, step: str, fn: Callable[[], Any]) -> Any:
             ctx.log.append(f"[{step}] " + captured.tail(3000))
 
 
-@contextlib.contextmanager
-def _initialised_buffers(layer: Any, ctx: ExportContext) -> Iterator[None]:
-    """Uninitialised buffers stood in for by one zero while a legacy program is traced.
-
-    ``nn.LSTM``/``GRU`` keep a ``_dropout_state`` buffer for cuDNN that is never allocated on a
-    CPU; the legacy tracer reads every tensor's ``.device`` and fails on its undefined place
-    ("Unknown place type: Place(undefined:0)"), so ``paddle_legacy`` refused every RNN. The
-    state is only written by cuDNN's dropout, which inference never runs."""
-    import paddle
-
-    swapped = []
-    for sub in layer.sublayers(include_self=True):
-        for name, buf in list(getattr(sub, "_buffers", {}).items()):
-            if buf is not None and hasattr(buf, "_is_initialized") and not buf._is_initialized():
-                sub._buffers[name] = paddle.zeros([1], dtype=buf.dtype)
-                swapped.append((sub, name, buf))
-    if swapped:
-        ctx.log.append("paddle_legacy: uninitialised buffer(s) " + ", ".join(n for _, n, _ in swapped)
-                       + " traced as a zero (cuDNN state, unused in inference)")
-    try:
-        yield
-    finally:
-        for sub, name, buf in swapped:
-            sub._buffers[name] = buf
-
-
 def _jit_save(loaded: LoadedModel, ctx: ExportContext, prefix: Path, legacy: bool) -> None:
     import paddle
 
     def save() -> None:
         if legacy:
-            with paddle.pir_utils.OldIrGuard(), _initialised_buffers(loaded.model, ctx):
+            with paddle.pir_utils.OldIrGuard():
                 paddle.jit.save(loaded.model, str(prefix), input_spec=_input_specs(ctx))
         else:
             with paddle.pir_utils.IrGuard():

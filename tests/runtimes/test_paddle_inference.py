@@ -178,31 +178,3 @@ def test_paddle_jit_runner(program: str, lenet_models) -> None:
     with runtimes.load(paths[program], format="paddle_inference", runtime="paddle_jit") as runner:
         x = _x(3)
         np.testing.assert_allclose(next(iter(runner.run({"x": x}).values())), _eager(layer, x), rtol=1e-4, atol=1e-5)
-
-
-def test_first_run_prints_stay_off_stdout(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    """oneDNN's kernel checks print from C++ on a predictor's first run (ReduceMean prints
-    "ReduceMeanCheckIfOneDNNSupport"); an in-process export, verify or run must not put that on
-    the user's stdout (it would corrupt `packager run ... > out` pipelines)."""
-    import paddle
-
-    import packager
-
-    class MeanNorm(paddle.nn.Layer):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = paddle.nn.Linear(8, 8)
-
-        def forward(self, x):
-            return paddle.mean(self.lin(x), axis=1, keepdim=True) + paddle.nn.functional.layer_norm(x, [8])
-
-    paddle.seed(0)
-    layer = MeanNorm()
-    layer.eval()
-    x = np.random.default_rng(0).random((2, 8)).astype("float32")
-    capfd.readouterr()
-    packager.export(layer, {"x": x}, out=tmp_path / "pkg", formats=["paddle_inference"], isolate=False)
-    with runtimes.load(tmp_path / "pkg", format="paddle_inference") as runner:
-        got = runner.run({"x": x})
-    assert np.allclose(next(iter(got.values())), _eager(layer, x), atol=1e-5)
-    assert "OneDNN" not in capfd.readouterr().out
