@@ -129,15 +129,11 @@ def export(
     option: Optional[list[str]] = typer.Option(None, "--option", help="Exporter option KEY=VALUE, parsed by its "
                                                "type (torchscript_freeze=true, paddle2onnx_timeout=600, "
                                                "monitor=val_loss, ...); repeatable."),
-    constant: Optional[list[str]] = typer.Option(None, "--constant", help="Bind a non-tensor forward() argument "
-                                                 "NAME=VALUE (JSON scalar, e.g. sr=16000), baked into every "
-                                                 "artifact; repeatable (torch)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing package."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Write the package even if parity fails."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Export SOURCE to every requested format, check parity, and write one package."""
-    from packager.exporters import parse_constant
     from packager.exporting import export as do_export
 
     # Values stay strings here: the exporter's declared Options parse them by type
@@ -155,7 +151,7 @@ def export(
                            builder=builder, state_key=state_key, signature_key=signature, trust=trust,
                            overwrite=overwrite, allow_mismatch=allow_mismatch, atol=_tolerances(atol, "--atol"),
                            rtol=_tolerances(rtol, "--rtol"), output_names=_split(output_names) or None, opset=opset,
-                           options=options, constants=dict(parse_constant(c) for c in constant or []) or None)
+                           options=options)
     if as_json:
         out.print_json(result.manifest.model_dump_json())
     else:
@@ -607,9 +603,6 @@ def inspect(
                 [[kind, spec.name, spec.dtype, spec.shape_str(), *((layouts.get(spec.name, "-"),) if layouts else ())]
                  for kind, specs in (("input", manifest.signature.inputs), ("output", manifest.signature.outputs))
                  for spec in specs])
-    if manifest.extra.get("constants"):
-        out.print("constants (bound at export, baked into every artifact): "
-                  + ", ".join(f"{k}={v!r}" for k, v in manifest.extra["constants"].items()), markup=False)
     _print_artifacts(manifest)
     out.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
     _note_generated_output_names(manifest)

@@ -12,10 +12,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from packager import __version__
-from packager.errors import (ExportError, FidelityError, InputError, PackagerError, RuntimeLoadError, SourceError,
-                             UsageError)
-from packager.exporters import (ArtifactSpec, ExportContext, LoadedModel, SourceOptions, bind_by_name, bind_constants,
-                                converter, detect_framework, exporter, parse_exporter_options)
+from packager.errors import ExportError, FidelityError, InputError, PackagerError, RuntimeLoadError, UsageError
+from packager.exporters import (ArtifactSpec, ExportContext, LoadedModel, SourceOptions, bind_by_name, converter,
+                                detect_framework, exporter, parse_exporter_options)
 from packager.fidelity.judge import Judge, as_parity, conversion_kind
 from packager.manifest import Artifact, Golden, Manifest, OutputNoise, Parity, Source
 from packager.package import GOLDEN_INPUTS, GOLDEN_OUTPUTS, PackageWriter, check_destination, load_npz
@@ -167,23 +166,19 @@ def dynamic_sizes(signature: Signature, example: dict[str, np.ndarray]) -> dict[
 
 def second_sizes(signature: Signature, sizes: dict[str, int], how: str) -> dict[str, int]:
     """Other sizes for the dynamic dimensions, changed as ``how`` of :data:`SECOND_SIZES` says."""
-    other: dict[str, int] = {}
+    other = {}
     for dim, size in sizes.items():
         info = signature.dim(dim)
-        step = info.step or 1
         if how == "batch" and dim != BATCH:
             other[dim] = size
-            continue
-        if how == "double" and dim != BATCH:  # or halved, at the top of its range
-            candidates = [size * 2, size // 2 if size % 2 == 0 else 0]
-        else:  # the next size up or down (a step apart on a dimension with a step)
-            candidates = [size + step, size - step]
-        # Two dimensions of one size (a square image's h and w) must not change the same way, or
-        # an output axis could not tell which one it follows: further sizes for the second.
-        candidates += [size + k * step for k in (2, 3, 4)] + [size - k * step for k in (2, 3)]
-        taken = {other[d] for d in other if sizes[d] == size and d != BATCH}
-        other[dim] = next((c for c in candidates if c >= max(info.min, 1) and info.allows(c) and c not in taken),
-                          size)
+        elif how == "double" and dim != BATCH:  # or halved, at the top of its range
+            doubled = size * 2 if info.max is None or size * 2 <= info.max else None
+            halved = size // 2 if size % 2 == 0 and size // 2 >= max(info.min, 1) else None
+            other[dim] = doubled or halved or size
+        else:
+            bigger = size + 1 if info.max is None or size + 1 <= info.max else None
+            smaller = size - 1 if size - 1 >= max(info.min, 1) else None
+            other[dim] = bigger or smaller or size
     return other
 
 
@@ -249,53 +244,6 @@ def _first_eager_run(fw: Any, loaded: LoadedModel, example: dict[str, np.ndarray
             from None
 
 
-def _value_dependent_axes(fw: Any, loaded: LoadedModel, signature: Signature, sizes: dict[str, int], seed: int,
-                          outputs: list[TensorSpec], reference: list[np.ndarray], notes: list[str]) -> list[TensorSpec]:
-    """Output axes whose size follows the input *values* (a detector's boxes above a score):
-    the eager model on other values at the same sizes; an axis whose size changed becomes a
-    free dynamic axis (``boxes_dim0``) instead of the size the example happened to give. Best
-    effort: values that give the same count by chance cannot be told apart."""
-    from packager.fidelity.sweep import random_inputs
-
-    try:
-        other = fw.run_eager(loaded, random_inputs(signature, sizes, seed + 7919))
-    except Exception as exc:  # e.g. ids out of the model's vocabulary without a declared range
-        log.debug("value-dependence run refused: %s", exc)
-        return outputs
-    fixed = []
-    for k, (spec, a, b) in enumerate(zip(outputs, reference, other)):
-        if a.ndim != b.ndim:
-            continue
-        shape = list(spec.shape)
-        for axis, (da, db) in enumerate(zip(a.shape, b.shape)):
-            if isinstance(shape[axis], int) and da != db:
-                shape[axis] = f"{spec.name}_dim{axis}"
-                fixed.append(f"output {spec.name!r} axis {axis} ({da} here, {db} on other values)")
-        outputs[k] = spec.model_copy(update={"shape": tuple(shape)})
-    if fixed:
-        notes.append("sizes that depend on the input values, declared dynamic: " + "; ".join(fixed))
-    return outputs
-
-
-def _unrepeatable(fw: Any, loaded: LoadedModel, example: dict[str, np.ndarray], first: list[np.ndarray]) -> str | None:
-    """Why the model is not repeatable, or None: a model whose output changes between two
-    identical calls keeps state across calls (Silero VAD's ``forward(x, sr)`` carries its audio
-    context and RNN state in attributes) or draws random numbers (dropout left training). No
-    artifact can reproduce its golden outputs."""
-    second = fw.run_eager(loaded, example)
-    for k, (a, b) in enumerate(zip(first, second)):
-        if a.dtype.kind not in "fc" or a.shape != b.shape:
-            continue
-        scale = float(np.max(np.abs(a), initial=0.0))
-        diff = float(np.max(np.abs(a.astype(np.float64) - b), initial=0.0))
-        # Small run-to-run noise (threaded or GPU reductions) is the noise floor's business
-        # (packager.fidelity.noise); a change of 5% of the output's scale is not noise.
-        if diff > 0.05 * max(scale, 1e-6):
-            return (f"is not repeatable: called twice on the same example inputs, output {k} changed by {diff:.3g} "
-                    f"(scale {scale:.3g}): it keeps state between calls or draws random numbers")
-    return None
-
-
 def export(
     source: Any,
     example_inputs: Any = None,
@@ -317,7 +265,6 @@ def export(
     opset: int | None = None,
     seed: int = 0,
     options: Mapping[str, Any] | None = None,
-    constants: Mapping[str, Any] | None = None,
     isolate: bool | None = None,
 ) -> ExportResult:
     """Export a model (in memory or a training-time save) into a verified package.
@@ -344,8 +291,6 @@ def export(
         output_names: Names for the model's outputs (default: the model's own, else output_0...).
         opset: ONNX opset.
         seed: Seed for generated inputs.
-        constants: Non-tensor ``forward`` arguments bound to plain values (``{"sr": 16000}``), passed by
-            keyword to the model and baked into every artifact; recorded in the manifest.
         options: Exporter options, e.g. ``{"torchscript_mode": "script"}``; each framework
             exporter's ``Options`` declares them with their types (strings parse: ``"false"``).
         isolate: Judge parity in a fresh process that has not imported the model's code, as a
@@ -392,29 +337,13 @@ def export(
     example = normalise_inputs(example_inputs, declared.input_names if declared else loaded.input_names)
     signature, example = build_input_signature(loaded, example, declared, seed)
     example, binding = bind_by_name(loaded, example)
-    defaults, constant_notes = (fw.default_constants(loaded, example, dict(constants or {}))
-                                if hasattr(fw, "default_constants") else ({}, []))
-    bound = bind_constants(loaded, example, {**defaults, **(constants or {})})
-    if bound:
-        binding["constants"] = bound
     specs = {s.name: s for s in signature.inputs}
     signature = signature.model_copy(update={"inputs": [specs[n] for n in example]})
     example, notes = widen_batch(signature, example)
     notes += skipped + added
-    if bound:
-        notes.append(f"constants {bound} are bound by keyword and baked into every artifact (they are not inputs)")
-        notes += constant_notes
 
     with step("export", "eager reference"):
         reference = _first_eager_run(fw, loaded, example)
-        unrepeatable = _unrepeatable(fw, loaded, example, reference)
-    if unrepeatable and not allow_mismatch:
-        raise SourceError("the model", unrepeatable,
-                          fix="export the stateless network inside it, with the state as an input and an output "
-                              "(Silero VAD: model._model, forward(x, state)), reset the state inside forward(), or "
-                              "take the randomness out (eval mode); --allow-mismatch writes the package anyway")
-    if unrepeatable:
-        notes.append(f"the model {unrepeatable} (written because of --allow-mismatch)")
     names = output_names or loaded.output_names or (
         [f"output_{i}" for i in range(len(reference))] if len(reference) > 1 else ["output"])
     if len(names) != len(reference):
@@ -422,7 +351,6 @@ def export(
                          got=names)
     second, sizes_a, sizes_b, reference_b = _second_run(fw, loaded, signature, example, seed, reference, notes)
     outputs = infer_output_specs(names, reference, reference_b, sizes_a, sizes_b)
-    outputs = _value_dependent_axes(fw, loaded, signature, sizes_a, seed, outputs, reference, notes)
     signature = signature.model_copy(update={"outputs": outputs})
     ref = dict(zip(names, reference))
     noise = _reference_noise(framework, fw, loaded, signature, example, ref, Judge(atol, rtol), notes)
@@ -452,8 +380,7 @@ def export(
             source=Source(framework=framework, framework_version=versions[framework], kind=loaded.kind,
                           path=loaded.path, builder=loaded.builder),
             versions=versions, signature=signature, artifacts=artifacts, golden=golden,
-            extra={**_extra(ctx.log, state_key=state_key, signature_key=signature_key), "input_binding": binding,
-                   **({"constants": bound} if bound else {})})
+            extra={**_extra(ctx.log, state_key=state_key, signature_key=signature_key), "input_binding": binding})
         for line in ctx.log:  # converter logs: in the manifest, and on the terminal with -v
             log.info("%s", line)
         failed = [a for a in artifacts if not a.passed]

@@ -3,10 +3,8 @@
 A spec string reads ``name:dtype[dim,dim,...]`` with an optional value range, e.g.
 ``x:float32[batch,3,32,32]`` or ``ids:int64[batch,seq=1..64]@0:1000``. A dimension is an
 integer (fixed) or a name (dynamic). A named dimension may carry ``=N`` (the size used for
-generated example inputs), ``=MIN..MAX`` (its declared extremes, used by the fidelity
-sweep) or ``=MIN..MAX/STEP`` (only MIN, MIN+STEP, ...: ``h=2..128/2`` is even, ``h=3..127/2``
-odd, what a model that halves and doubles an axis needs). ``@LOW:HIGH`` bounds generated
-values (``[LOW, HIGH)`` for integers).
+generated example inputs) or ``=MIN..MAX`` (its declared extremes, used by the fidelity
+sweep). ``@LOW:HIGH`` bounds generated values (``[LOW, HIGH)`` for integers).
 """
 
 from __future__ import annotations
@@ -39,29 +37,13 @@ class DimInfo(BaseModel):
     min: int = Field(1, ge=0)
     max: int | None = Field(None, ge=1)
     example: int | None = Field(None, ge=1)
-    #: Sizes go MIN, MIN+STEP, ... (None: every size in the range).
-    step: int | None = Field(None, ge=2)
-
-    def allows(self, size: int) -> bool:
-        """Whether ``size`` is in the range and on its step."""
-        return (size >= self.min and (self.max is None or size <= self.max)
-                and (self.step is None or (size - self.min) % self.step == 0))
-
-    def snap(self, size: int) -> int:
-        """The allowed size nearest ``size`` from below (``min`` when none is)."""
-        size = max(size, self.min)
-        size = min(size, self.max) if self.max is not None else size
-        return size - (size - self.min) % self.step if self.step else size
-
-    @property
-    def top(self) -> int | None:
-        """The largest allowed size (None when unbounded)."""
-        return None if self.max is None else self.snap(self.max)
 
     def example_size(self, name: str) -> int:
         if self.example is not None:
             return self.example
-        return self.snap(DEFAULT_EXAMPLE_SIZE.get(name, DEFAULT_DYNAMIC_SIZE))
+        size = DEFAULT_EXAMPLE_SIZE.get(name, DEFAULT_DYNAMIC_SIZE)
+        size = max(size, self.min)
+        return min(size, self.max) if self.max is not None else size
 
 
 class TensorSpec(BaseModel):
@@ -193,7 +175,7 @@ _SPEC = re.compile(
     r"^\s*(?P<name>[^:\s\[\]@]+)\s*:\s*(?P<dtype>[a-z0-9]+)\s*\[(?P<dims>[^\]]*)\]"
     r"(?:\s*@\s*(?P<low>-?[0-9.eE+-]+)\s*:\s*(?P<high>-?[0-9.eE+-]+))?\s*$"
 )
-_DIM = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:=(?P<a>\d+)(?:\.\.(?P<b>\d+)(?:/(?P<step>\d+))?)?)?$")
+_DIM = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:=(?P<a>\d+)(?:\.\.(?P<b>\d+))?)?$")
 
 
 def parse_spec(text: str) -> tuple[TensorSpec, dict[str, DimInfo]]:
@@ -217,7 +199,7 @@ def parse_spec(text: str) -> tuple[TensorSpec, dict[str, DimInfo]]:
         dim = _DIM.match(raw)
         if not dim:
             raise SignatureError(f"input spec {text!r}", f"dimension {raw!r} is neither an integer nor a name",
-                                 expected="3, batch, seq=16, seq=1..64 or h=2..128/2", got=raw, fix=fix)
+                                 expected="3, batch, seq=16 or seq=1..64", got=raw, fix=fix)
         name = dim["name"]
         dims.append(name)
         if dim["b"] is not None:
@@ -225,11 +207,7 @@ def parse_spec(text: str) -> tuple[TensorSpec, dict[str, DimInfo]]:
             if low > high:
                 raise SignatureError(f"dimension {name!r}", "range is reversed", expected="MIN..MAX with MIN<=MAX",
                                      got=raw)
-            step = int(dim["step"]) if dim["step"] is not None else None
-            if step is not None and (step < 2 or name == BATCH):
-                raise SignatureError(f"dimension {name!r}", "step must be 2 or more, and the batch has none",
-                                     expected=f"{name}=MIN..MAX/STEP, e.g. h=2..128/2", got=raw)
-            infos[name] = DimInfo(min=low, max=high, step=step)
+            infos[name] = DimInfo(min=low, max=high)
         elif dim["a"] is not None:
             infos[name] = DimInfo(example=int(dim["a"]))
     value_range = None

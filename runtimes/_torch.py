@@ -75,11 +75,6 @@ def flatten(output: Any) -> list[Any]:
 
     if type(output) in pytree.SUPPORTED_NODES:  # a model's own output class (e.g. a registered dataclass)
         return [t for v in pytree.tree_leaves(output) for t in flatten(v)]
-    if type(output).__name__.endswith("Cache"):  # transformers' DynamicCache, StaticCache, EncoderDecoderCache
-        raise ExportError("model output", f"holds a {type(output).__name__} (a decoder's key/value cache), which "
-                          "no artifact returns as named tensors", got=type(output).__name__,
-                          fix="export without the cache: --constant use_cache=false (API constants={'use_cache': "
-                              "False}; packager binds it so by default unless use_cache is given)")
     raise ExportError("model output", "is not a tensor, tuple, list or dict of tensors", got=type(output).__name__)
 
 

@@ -60,31 +60,3 @@ def test_output_axes_inferred_from_two_runs():
 def test_signature_roundtrip_json():
     sig = Signature(inputs=[TensorSpec(name="x", dtype="float32", shape=("batch", 3))])
     assert Signature.model_validate_json(sig.model_dump_json()) == sig
-
-
-def test_dimension_with_a_step():
-    spec, infos = parse_spec("x:float32[batch,3,h=3..127/2,w=4..128/2]")
-    h, w = infos["h"], infos["w"]
-    assert (h.min, h.max, h.step) == (3, 127, 2) and w.step == 2
-    assert h.allows(5) and not h.allows(4) and not h.allows(129) and w.allows(128) and not w.allows(7)
-    assert h.snap(10) == 9 and w.snap(200) == 128 and w.snap(1) == 4 and h.example_size("h") == 7
-    assert w.top == 128 and parse_spec("x:float32[h=2..9/2]")[1]["h"].top == 8
-    for bad in ("x:float32[batch=2..8/2]", "x:float32[h=2..8/1]"):
-        with pytest.raises(SignatureError, match="step must be 2 or more"):
-            parse_spec(bad)
-    with pytest.raises(SignatureError, match="neither an integer nor a name"):
-        parse_spec("x:float32[h=8/2]")  # a step needs a range
-
-
-def test_second_sizes_keep_equal_dimensions_apart():
-    """A square image's h and w must change differently between the two eager runs, or an output
-    axis cannot tell which one it follows (it was named h twice)."""
-    from packager.exporting import second_sizes
-
-    sig = parse_input_specs(["x:float32[batch,3,h=4..128/2,w=4..128/2]"])
-    for how in ("double", "step"):
-        other = second_sizes(sig, {"batch": 2, "h": 32, "w": 32}, how)
-        assert other["h"] != other["w"] and all(sig.dim(d).allows(other[d]) for d in ("h", "w")), (how, other)
-    outs = infer_output_specs(["y"], [np.zeros((2, 3, 32, 32))], [np.zeros((2, 3, 64, 34))],
-                              {"batch": 2, "h": 32, "w": 32}, {"batch": 2, "h": 64, "w": 34})
-    assert outs[0].shape == (2, 3, "h", "w")

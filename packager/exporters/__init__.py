@@ -160,7 +160,7 @@ def detect_framework(source: Any) -> str:
                               fix=f"check the path (relative to the current folder {str(Path.cwd())!r}){prefix}")
         install = "; ".join(f"{n} is not installed here (pip install 'packager[{FRAMEWORKS[n].extra}]')" for n in missing)
         raise SourceError(str(path), "is not a model save packager recognises",
-                          expected=".pt/.pth/.pt2 or a TorchScript archive under any name (torch), .keras/.h5/SavedModel (tensorflow), "
+                          expected=".pt/.pth/.pt2 (torch), .keras/.h5/SavedModel (tensorflow), "
                           ".pdparams/.pdmodel/.json (paddle)",
                           got=path.suffix or ("a folder" if path.is_dir() else "a file without a suffix"),
                           fix="pass --framework to say which framework saved it" + (f"; {install}" if install else ""))
@@ -190,73 +190,6 @@ def forward_parameters(fn: Any) -> tuple[list[str] | None, bool]:
     if len(names) == 1 and names[0] in ("args", "input", "inputs"):
         return None, var_keyword
     return names or None, var_keyword
-
-
-#: Python types a ``--constant`` may have (what JSON scalars parse to).
-CONSTANT_TYPES = (bool, int, float, str, type(None))
-
-
-def parse_constant(item: str) -> tuple[str, Any]:
-    """``NAME=VALUE`` from ``--constant``: VALUE as JSON (``16000``, ``0.5``, ``true``, ``null``,
-    ``"text"``), else the plain string."""
-    import json
-
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise UsageError(f"--constant {item!r}", "is not NAME=VALUE", expected="e.g. --constant sr=16000", got=item)
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = raw
-    return key.strip(), value if isinstance(value, CONSTANT_TYPES) else raw
-
-
-def bind_constants(loaded: LoadedModel, feeds: dict[str, np.ndarray], constants: dict[str, Any] | None) -> dict[str, Any]:
-    """Check ``constants`` (non-tensor ``forward`` arguments such as Silero VAD's ``sr``) against
-    the model's parameters and the feeds, and bind them: the exporters then call the model by
-    keyword with them, and they are baked into every artifact. Also refuses a call that leaves a
-    required parameter unbound, naming it, where today's call would fail inside the model.
-
-    Returns the manifest's record of the constants (empty when none).
-
-    Raises:
-        UsageError: A constant for another framework, an unknown or fed parameter, a value that is
-            not a JSON scalar, or a required parameter left unbound.
-    """
-    constants = dict(constants or {})
-    params = loaded.extra.get("parameters") or {}
-    if constants:
-        if loaded.framework != "torch":
-            raise UsageError(f"constants {sorted(constants)}", f"bind non-tensor forward() arguments of torch "
-                             f"models; this is a {loaded.framework} model", fix="feed the model's inputs only")
-        if not loaded.input_names or loaded.extra.get("call_positional"):
-            raise UsageError(f"constants {sorted(constants)}", "cannot be bound: the model's forward() parameters "
-                             "cannot be read (it takes *args, or is a torch.export program with its arguments "
-                             "fixed)", fix="wrap the model in a module whose forward() fixes the constant")
-        unknown = [k for k in constants if k not in loaded.input_names and not loaded.extra.get("var_keyword")]
-        if unknown:
-            raise UsageError(f"constants {unknown}", "are not forward()'s parameters", expected=loaded.input_names,
-                             got=sorted(constants))
-        fed = [k for k in constants if k in feeds]
-        if fed:
-            raise UsageError(f"constants {fed}", "are also example inputs", fix="give each parameter once: as an "
-                             "array in the example inputs, or as a constant")
-        bad = {k: type(v).__name__ for k, v in constants.items() if not isinstance(v, CONSTANT_TYPES)}
-        if bad:
-            raise UsageError(f"constants {sorted(bad)}", "are not int, float, bool, str or None", got=bad,
-                             fix="feed tensors as example inputs; constants are plain values")
-    unbound = [name for name, (kind, required) in params.items() if required and name not in feeds
-               and name not in constants]
-    if unbound:
-        plain = [n for n in unbound if params[n][0] in ("int", "float", "bool", "str")]
-        raise UsageError(f"forward() parameter(s) {unbound}", "are required but neither fed nor bound",
-                         expected=", ".join(f"{n}: {params[n][0] or 'any'}" for n in unbound), got=list(feeds),
-                         fix=(f"bind the plain value(s) with --constant NAME=VALUE (API: constants={{...}}), e.g. "
-                              f"--constant {plain[0]}=..." if plain else "feed them in the example inputs"))
-    if constants:
-        loaded.extra["constants"] = constants
-        loaded.extra["keyword_call"] = True  # constants go by keyword: the exporters wrap the model
-    return constants
 
 
 def bind_by_name(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -65,30 +65,7 @@ def owns(obj: Any) -> bool:
 
 
 def claims(path: Path) -> bool:
-    """A torch save by its suffix, or by its content whatever the suffix (a TorchScript archive
-    shipped as ``.jit``, ``.ts`` or with none; a ``torch.save`` zip): the zip's entries say so."""
-    if not path.is_file():
-        return False
-    if path.suffix.lower() in SUFFIXES:
-        return True
-    return _torch_zip(path) is not None
-
-
-def _torch_zip(path: Path) -> str | None:
-    """``"torchscript"`` or ``"torch_save"`` for a torch zip archive (read from its entry names
-    only: nothing is unpickled), else None. Both put every entry under one top folder with a
-    ``data.pkl`` in it; TorchScript adds ``code/`` and ``constants.pkl``."""
-    try:
-        if not zipfile.is_zipfile(path):
-            return None
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return None
-    inner = {n.split("/", 1)[1] for n in names if "/" in n}
-    if "data.pkl" not in inner:
-        return None
-    return "torchscript" if any(n.startswith("code/") for n in inner) else "torch_save"
+    return path.is_file() and path.suffix.lower() in SUFFIXES
 
 
 def framework_version() -> str:
@@ -306,46 +283,12 @@ def _eval(model: Any) -> None:
         pass
 
 
-def _parameters(model: Any) -> tuple[list[str] | None, bool, dict[str, tuple[str, bool]]]:
-    """``forward``'s parameter names, whether it takes ``**kwargs``, and each parameter's type
-    name and whether it is required (what :func:`packager.exporters.bind_constants` checks)."""
-    fn = getattr(model, "forward", None)
-    schema = getattr(fn, "schema", None)
-    if schema is not None:  # a TorchScript method: inspect cannot read it, its schema can
-        args = [a for a in schema.arguments if a.name != "self"]
-        return [a.name for a in args] or None, False, {
-            a.name: (str(a.type), not a.has_default_value()) for a in args}
-    names, var_keyword = forward_parameters(fn)
-    info: dict[str, tuple[str, bool]] = {}
-    try:
-        for p in inspect.signature(fn).parameters.values():
-            if names and p.name in names:
-                kind = "" if p.annotation is p.empty else getattr(p.annotation, "__name__", str(p.annotation))
-                info[p.name] = (kind, p.default is p.empty)
-    except (TypeError, ValueError):
-        pass
-    return names, var_keyword, info
-
-
-def default_constants(loaded: LoadedModel, feeds: dict[str, Any], constants: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Constants bound unless the user gives them, and a note on each: a Hugging Face decoder
-    (GPT-2 and the like) returns its key/value cache by default (``use_cache=True``), an object
-    no artifact can return, so its cache is turned off, as its export guides do."""
-    config = getattr(loaded.model, "config", None)
-    if ("use_cache" in (loaded.input_names or ()) and "use_cache" not in feeds and "use_cache" not in constants
-            and getattr(config, "use_cache", False)):
-        return {"use_cache": False}, ["use_cache=False bound by default: the decoder's key/value cache is not "
-                                      "exported (its outputs are the logits/hidden states of the whole sequence)"]
-    return {}, []
-
-
 def _loaded(model: Any, kind: str, path: str | None, builder: str | None) -> LoadedModel:
     _eval(model)
-    names, var_keyword, parameters = _parameters(model)
+    names, var_keyword = forward_parameters(getattr(model, "forward", None))
     loaded = LoadedModel(model=model, kind=kind, framework=FRAMEWORK, input_names=names, path=path, builder=builder,
                          reference="torch eager (eval, no_grad)")
     loaded.extra["var_keyword"] = var_keyword
-    loaded.extra["parameters"] = parameters
     return loaded
 
 
@@ -361,7 +304,7 @@ def _by_keyword(loaded: LoadedModel, names: list[str]) -> Any:
     import torch
 
     def forward(self: Any, *args: Any) -> tuple[Any, ...]:
-        output = self.model(**dict(zip(self.names, args)), **self.constants) if self.keywords else self.model(*args)
+        output = self.model(**dict(zip(self.names, args))) if self.keywords else self.model(*args)
         return output if isinstance(output, torch.Tensor) else tuple(flatten(output))
 
     P = inspect.Parameter
@@ -369,7 +312,6 @@ def _by_keyword(loaded: LoadedModel, names: list[str]) -> Any:
         [P("self", P.POSITIONAL_OR_KEYWORD)] + [P(f"i{k}", P.POSITIONAL_OR_KEYWORD) for k in range(len(names))])
     module = type("KeywordCall", (torch.nn.Module,), {"forward": forward})()
     module.model, module.names, module.keywords = loaded.model, tuple(names), bool(loaded.input_names)
-    module.constants = dict(loaded.extra.get("constants") or {})  # baked into what is traced
     return module.eval()
 
 
@@ -400,7 +342,7 @@ def run_eager(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> list[np.ndar
         # Bound by name (packager.exporters.bind_by_name); a .pt2 program's module takes its
         # arguments only as they were exported: positionally, in forward()'s order.
         if loaded.input_names and not loaded.extra.get("call_positional"):
-            output = loaded.model(**dict(zip(feeds, _tensors(loaded, feeds))), **loaded.extra.get("constants", {}))
+            output = loaded.model(**dict(zip(feeds, _tensors(loaded, feeds))))
         else:
             output = loaded.model(*_tensors(loaded, feeds))
     if isinstance(output, dict) and loaded.output_names is None:
@@ -423,12 +365,8 @@ def _torchscript(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> Artifac
 
     options = _options(ctx)
     mode = options.torchscript_mode
-    if loaded.kind == "torchscript" and not loaded.extra.get("constants"):
+    if loaded.kind == "torchscript":
         module = loaded.model
-    elif loaded.kind == "torchscript":  # the archive's forward still wants the constants: trace them in
-        mode = "trace"
-        module = torch.jit.trace(_traceable(loaded, ctx), _tensors(loaded, ctx.example_inputs), check_trace=False,
-                                 strict=False)
     elif mode == "script":
         if loaded.extra.get("keyword_call"):
             raise UsageError("--torchscript-mode script", "cannot bind these inputs by name",
@@ -446,8 +384,7 @@ def _torchscript(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> Artifac
     module = torch.jit.freeze(module.eval()) if options.torchscript_freeze else module
     target = dest / "model.pt"
     torch.jit.save(module, str(target))
-    as_is = loaded.kind == "torchscript" and not loaded.extra.get("constants")
-    return ArtifactSpec(path=f"{dest.name}/model.pt", options={"mode": "as-is" if as_is else mode})
+    return ArtifactSpec(path=f"{dest.name}/model.pt", options={"mode": mode if loaded.kind != "torchscript" else "as-is"})
 
 
 def _dynamic_shapes(ctx: ExportContext) -> dict[str, dict[int, Any]]:
@@ -460,17 +397,9 @@ def _dynamic_shapes(ctx: ExportContext) -> dict[str, dict[int, Any]]:
         for axis, name in spec.dynamic_axes.items():
             if name not in dims:
                 info = ctx.signature.dim(name)
-                if info.step and info.max is not None:
-                    # MIN..MAX/STEP is torch's derived dim STEP*_k + OFFSET (its own suggestion for
-                    # a model that halves and doubles an axis: h = 2*_h).
-                    offset = info.min % info.step
-                    base = torch.export.Dim(f"_{name}", min=max(info.min // info.step, 1),
-                                            max=info.top // info.step)
-                    dims[name] = base * info.step + offset if offset else base * info.step
-                else:
-                    # min 1 would let torch.export specialise on 0/1; Dim.DYNAMIC lets it decide.
-                    dims[name] = torch.export.Dim.DYNAMIC if info.max is None else torch.export.Dim(
-                        name, min=max(info.min, 1), max=info.max)
+                # min 1 would let torch.export specialise on 0/1; Dim.DYNAMIC lets it decide.
+                dims[name] = torch.export.Dim.DYNAMIC if info.max is None else torch.export.Dim(
+                    name, min=max(info.min, 1), max=info.max)
             axes[axis] = dims[name]
         shapes[spec.name] = axes
     return shapes
@@ -482,51 +411,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: unnamed axis as ``L['i0'].size()[1]``, a bounded one by its dim name.
 _SPECIALISED = re.compile(r"You marked (L\['i(\d+)'\]\.size\(\)\[(\d+)\]|\w+) as dynamic but your code "
                           r"specialized it to be a constant \((\d+)\)")
-
-
-#: torch.export's "Suggested fixes:" lines (torch 2.13): a base dim, a derived dim, a constant.
-_SUGGESTED_BASE = re.compile(r"^\s*(\w+) = Dim\('\w+'(?:, min=(\d+))?(?:, max=(\d+))?\)\s*$", re.M)
-_SUGGESTED_DERIVED = re.compile(r"^\s*(\w+) = (\d+)\*(\w+)(?: ([+-]) (\d+))?\s*$", re.M)
-
-
-def _suggested_specs(text: str, ctx: ExportContext) -> tuple[list[str], list[str]]:
-    """torch.export's suggested fixes translated into ``--input-spec`` terms: what each named
-    dimension must be (e.g. "h is 2*_h: even sizes 2..128") and the specs to write with them
-    (``h=2..128/2``); empty when torch suggested nothing this grammar can say."""
-    bases = {m[1]: (int(m[2] or 0), int(m[3]) if m[3] else None) for m in _SUGGESTED_BASE.finditer(text)}
-    infos = dict(ctx.signature.dims)
-    said = []
-    for name, factor, base, sign, offset in _SUGGESTED_DERIVED.findall(text):
-        if name not in infos or base not in bases:
-            continue
-        lo, hi = bases[base]
-        a, b = int(factor), (int(offset) if offset else 0) * (-1 if sign == "-" else 1)
-        # torch specialises a base dim's sizes 0 and 1 (its guards refuse them at run time even
-        # where its suggestion says min=1): start the base at 2.
-        low = a * max(lo, 2) + b
-        if low < 1:  # torch's base may start at 0: the smallest positive size on the grid
-            low += a * -(-(1 - low) // a)
-        high = a * hi + b if hi is not None else infos[name].max
-        infos[name] = infos[name].model_copy(update={"min": low, "max": high, "step": a})
-        said.append(f"{name} = {factor}*{base}{f' {sign} {offset}' if offset else ''}: sizes {low}, {low + a}, ... "
-                    f"up to {high}")
-    for name, (lo, hi) in bases.items():  # a dim torch only narrows (name = Dim('name', min, max))
-        if name in infos and not name.startswith("_") and hi is not None:
-            infos[name] = infos[name].model_copy(update={"min": max(lo, 1), "max": hi})
-            said.append(f"{name} in {max(lo, 1)}..{hi}")
-    if not said:
-        return [], []
-
-    def dim_text(d: Any) -> str:
-        if isinstance(d, int):
-            return str(d)
-        info = infos.get(d)
-        if info is None or info.max is None:
-            return d
-        return f"{d}={info.min}..{info.max}" + (f"/{info.step}" if info.step else "")
-
-    specs = [f"{spec.name}:{spec.dtype}[{','.join(dim_text(d) for d in spec.shape)}]" for spec in ctx.signature.inputs]
-    return said, specs
 
 
 def _specialised_axes(text: str, ctx: ExportContext) -> list[tuple[str, int, str, int]]:
@@ -542,14 +426,6 @@ def _specialised_axes(text: str, ctx: ExportContext) -> list[tuple[str, int, str
             found += [(spec.name, a, marked, int(value)) for spec in inputs
                       for a, dim in spec.dynamic_axes.items() if dim == marked]
     return list(dict.fromkeys(found))
-
-
-def _torch_diagnosis(text: str) -> str:
-    """torch's own lines of an export failure (the first, its listed violations and suggested
-    fixes), without the colour codes and the boilerplate around them."""
-    lines = [ln.rstrip() for ln in _ANSI.sub("", text).splitlines() if ln.strip()]
-    kept = [ln for ln in lines if not ln.startswith(("The error above occurred", "For more information"))]
-    return " | ".join(kept[:12])[:1500]
 
 
 def _positional_shapes(loaded: LoadedModel, ctx: ExportContext) -> tuple[dict[int, Any], ...]:
@@ -588,12 +464,7 @@ def _onnx(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> ArtifactSpec:
                 else:
                     axes = {s.name: {a: n for a, n in s.dynamic_axes.items()}
                             for s in [*ctx.signature.inputs, *ctx.signature.outputs] if s.dynamic_axes}
-                    model = _traceable(loaded, ctx)
-                    if model is not loaded.model and _scripted(loaded):
-                        # The exporter's own trace cannot enter a scripted module held by a Python
-                        # wrapper ("not part of the active trace"); a traced wrapper exports.
-                        model = torch.jit.trace(model, args, check_trace=False, strict=False)
-                    torch.onnx.export(model, args, str(target), input_names=input_names,
+                    torch.onnx.export(_traceable(loaded, ctx), args, str(target), input_names=input_names,
                                       output_names=output_names, opset_version=opset, dynamo=False,
                                       dynamic_axes=axes, do_constant_folding=True)
             exporter_used = "dynamo" if dynamo else "torchscript"
@@ -661,13 +532,7 @@ def _torch_export(loaded: LoadedModel, ctx: ExportContext, dest: Path) -> Artifa
                               fix="torch.export cannot keep these axes dynamic (nn.LSTM and nn.GRU fix the "
                                   "sequence length, for one); leave torch_export out "
                                   "(--formats torchscript,onnx), or declare the axes fixed in --input-spec") from None
-        said, specs = _suggested_specs(_ANSI.sub("", str(exc)), ctx)
-        if said:
-            raise ExportError("format torch_export", "the model's code allows only some sizes of axes declared "
-                              "dynamic: " + "; ".join(said),
-                              fix="declare exactly those sizes: --input-spec " + " ".join(f"'{t}'" for t in specs)
-                                  + " (every artifact is then judged at them), or leave torch_export out") from None
-        raise ExportError("format torch_export", f"torch.export failed: {_torch_diagnosis(str(exc))}",
+        raise ExportError("format torch_export", f"torch.export failed: {str(exc).splitlines()[0]}",
                           fix="check the dynamic axes in --input-spec (a model that needs a fixed size cannot "
                               "export that axis as dynamic)") from None
     target = dest / "model.pt2"

@@ -669,14 +669,6 @@ def _rename_onnx(model: Any, ctx: ExportContext, specs: dict[str, Any]) -> None:
     for kind, values, want in (("inputs", graph.input, ctx.signature.input_names),
                                ("outputs", graph.output, ctx.signature.output_names)):
         got = [v.name for v in values if v.name not in weights]
-        extra = [n for n in got if n not in want]
-        if kind == "inputs" and extra and set(want) <= set(got):
-            # Renaming cannot help here: these are tensors the function captured, not feeds.
-            raise ExportError("format onnx", f"tf2onnx left {len(extra)} captured tensor(s) as graph inputs besides "
-                              f"the model's own: {extra[:5]} (layer state that is neither a variable nor a constant "
-                              "the exporter could freeze, such as a Normalization layer's mean and variance)",
-                              expected=want, got=got, fix="export saved_model (tflite converts from it) without onnx, "
-                              "or keep that layer's state in variables")
         if sorted(got) != sorted(want):
             raise ExportError("format onnx", f"tf2onnx named the graph {kind} differently from the signature",
                               expected=want, got=got, fix="rename the model's inputs/outputs to plain identifiers")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -66,9 +65,7 @@ def _torch_float64(fw: Any, loaded: Any, signature: Signature, example: Mapping[
     size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     if size > MAX_FLOAT64_BYTES:
         raise MemoryError(f"{size} bytes of weights")
-    with warnings.catch_warnings():  # a ScriptModule's .double() warns about .grad of non-leaf tensors
-        warnings.simplefilter("ignore")
-        twin = dataclasses.replace(loaded, model=copy.deepcopy(model).double(), extra=dict(loaded.extra))
+    twin = dataclasses.replace(loaded, model=copy.deepcopy(model).double(), extra=dict(loaded.extra))
     feeds = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in example.items()}
     return _distances(reference, fw.run_eager(twin, feeds))
 

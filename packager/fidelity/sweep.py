@@ -113,7 +113,7 @@ def plan_cases(signature: Signature, golden_in: Mapping[str, np.ndarray], golden
                 cases[0].notes.append(f"dimension {dim!r} has no declared range (write {dim}=MIN..MAX in "
                                       "--input-spec at export); its extremes were not swept")
                 continue
-            for extreme in dict.fromkeys((info.snap(max(info.min, 1)), info.top)):
+            for extreme in dict.fromkeys((max(info.min, 1), info.max)):
                 if extreme == size:
                     continue
                 rng_seed += 1

@@ -87,39 +87,3 @@ def test_package_computes_what_the_model_computes(tmp_path, name, fmt):
         got = runner.run(fresh)
     out = got["last_hidden_state"]  # the output name the model gives it, not a guess
     assert out.shape == ref.shape and np.max(np.abs(out - ref)) <= ATOL
-
-
-@pytest.mark.slow
-def test_gpt2_lm_head_with_its_default_cache(tmp_path):
-    """GPT-2 as users build it (``use_cache=True`` in its config) returns a DynamicCache: the
-    export binds ``use_cache=False`` by default and says so in the manifest; asked to keep the
-    cache, the refusal names the fix."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    import packager
-    import runtimes
-    from packager.errors import ExportError
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                       bos_token_id=0, eos_token_id=0)).eval()
-    assert model.config.use_cache
-    spec = ["input_ids:int64[batch,seq=1..32]@0:100"]
-    feeds = {"input_ids": _ids(2, 8, np.random.default_rng(0))}
-    result = packager.export(model, feeds, out=tmp_path / "pkg", formats=["torchscript", "onnx"], input_spec=spec)
-    assert result.manifest.extra["constants"] == {"use_cache": False}
-    assert any("use_cache=False bound by default" in line for line in result.manifest.extra["export_log"])
-    assert result.manifest.signature.output_names == ["logits"]
-    fresh = _ids(3, 12, np.random.default_rng(1))
-    with torch.no_grad():
-        ref = model(input_ids=torch.from_numpy(fresh), use_cache=False).logits.numpy()
-    for fmt in ("torchscript", "onnx"):
-        with runtimes.load(str(tmp_path / "pkg"), format=fmt) as runner:
-            assert np.max(np.abs(runner.run({"input_ids": fresh})["logits"] - ref)) <= ATOL, fmt
-
-    with pytest.raises(ExportError, match="DynamicCache") as caught:
-        packager.export(model, feeds, out=tmp_path / "cached", formats=["onnx"], input_spec=spec,
-                        constants={"use_cache": True})
-    assert "--constant use_cache=false" in str(caught.value)
-    assert not (tmp_path / "cached").exists()

@@ -83,26 +83,6 @@ def test_silero_vad_shipped_torchscript(tmp_path):
         assert np.std(state) > 1e-3  # the recurrent state is informative, not a constant
 
 
-@pytest.mark.slow
-def test_silero_vad_shipped_file_as_users_hold_it(tmp_path):
-    """The wheel's ``silero_vad.jit`` given as a file: recognised as TorchScript by its content
-    (``.jit`` is no torch suffix); its ``forward(x, sr: int)`` needs ``--constant sr=...`` (exit 2
-    naming ``sr`` without it); bound, the top-level module is refused as not repeatable (it keeps
-    its audio context and RNN state between calls), pointing to the stateless network the test
-    above exports."""
-    from tests.conftest import run_cli
-
-    jit = _shipped("silero_vad", "data", "silero_vad.jit")
-    np.savez(tmp_path / "x.npz", x=_audio(2, CHUNK, 0))
-    base = ["export", str(jit), "--example-inputs", str(tmp_path / "x.npz"), "--input-spec", f"x:float32[batch,{CHUNK}]"]
-    missing = run_cli(*base, "--out", str(tmp_path / "a"))
-    assert missing.returncode == 2 and "['sr']" in missing.stderr and "--constant sr=" in missing.stderr, missing.stderr
-    bound = run_cli(*base, "--constant", "sr=16000", "--out", str(tmp_path / "b"))
-    assert bound.returncode == 2 and "is not repeatable" in bound.stderr and "model._model" in bound.stderr, bound.stderr
-    assert "Traceback" not in missing.stderr + bound.stderr
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-
-
 def _page(batch: int, height: int, width: int, seed: int) -> np.ndarray:
     """Rows of glyph-like dark strokes on white, normalised as RapidOCR does ((v/255 - 0.5) / 0.5)."""
     rng = np.random.default_rng(seed)

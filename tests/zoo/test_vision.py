@@ -15,12 +15,11 @@ def _images(batch: int, seed: int, channels_last: bool, size: int = 32) -> np.nd
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-# EfficientNetB0's (and V2's) Normalization layer keeps its constants as captured tensors, which tf2onnx
+# EfficientNetB0's Normalization layer keeps its constants as captured tensors, which tf2onnx
 # left as extra graph inputs until the exporter froze them (a regression case).
 # TFLite is converted from the SavedModel, OpenVINO from the ONNX artifact.
 KERAS = {"MobileNetV3Small": ("saved_model", "onnx", "tflite", "openvino"),
          "EfficientNetB0": ("saved_model", "onnx", "tflite", "openvino"),
-         "EfficientNetV2B0": ("saved_model", "onnx", "tflite", "openvino"),
          "ResNet50": ("saved_model", "onnx", "tflite", "openvino")}
 
 
